@@ -1,0 +1,201 @@
+"""Metrics and the batched scoring they rest on.
+
+Classification (SST-2) is scored by label words: the prompt is followed by each class's
+label word, and the class whose word the model finds most likely wins. The same scores
+give the training loss, the cross-entropy over the label words.
+
+Batching. Examples are tokenised once, sorted by length and cut into micro-batches padded
+on the left only to the longest sequence in each. Left padding puts every sequence's last
+token in the last column, so the LM head runs on the final positions only
+(`logits_to_keep`), and explicit position ids (counting real tokens only) make a padded
+sequence's logits equal to those of the same sequence run alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data import ClassificationTemplate
+
+
+class LabelWordError(ValueError):
+    """A label word does not tokenize the way scoring needs; the message says how to fix it."""
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor       # (B, L), left padded
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor    # (B, L)
+    rows: torch.Tensor            # (B,) which example each row belongs to
+    candidates: torch.Tensor      # (B,) which label word each row scores; -1 = all at once
+    word_ids: torch.Tensor        # (B, W) the candidate's tokens, right-aligned, -1 padded
+
+
+@dataclass
+class EncodedClassification:
+    """A tokenised, length-sorted, padded classification set, reused on every pass."""
+
+    batches: list[MicroBatch]
+    labels: torch.Tensor  # (N,)
+    num_classes: int
+    single_token: bool
+    max_word_tokens: int
+    num_tokens: int  # real (unpadded) tokens per full pass, for throughput figures
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device) -> "EncodedClassification":
+        for batch in self.batches:
+            for name in ("input_ids", "attention_mask", "position_ids", "word_ids"):
+                setattr(batch, name, getattr(batch, name).to(device))
+        return self
+
+
+def _pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+class LabelWordScorer:
+    """Scores label words after a prompt, one forward pass per example when every word is one token.
+
+    Construction checks how each label word tokenizes. Scoring then uses one of two paths:
+    - every word is a single token: run the prompt alone and read the words' log-probs
+      from the last position's logits;
+    - otherwise: run prompt + word for each word (one sequence per candidate) and score it
+      by the mean log-prob of its tokens.
+    """
+
+    def __init__(self, tokenizer, template: ClassificationTemplate, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.word_ids = []
+        for word in template.label_words:
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise LabelWordError(f"label word {word!r} of template {template.name!r} tokenizes to nothing")
+            self.word_ids.append(list(ids))
+        self.single_token = all(len(ids) == 1 for ids in self.word_ids)
+        if self.single_token and len({ids[0] for ids in self.word_ids}) < len(self.word_ids):
+            raise LabelWordError(f"label words {template.label_words} of template {template.name!r} share a token")
+
+    def _encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        prompts = [self.template.prompt(t) for t in texts]
+        encoded = self.tokenizer(prompts)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        bos = self.tokenizer.bos_token_id
+        if encoded and eos is not None and eos != bos and len(encoded[0]) > 1 and encoded[0][-1] == eos:
+            raise LabelWordError(
+                "the tokenizer appends an end-of-sequence token to every prompt, so the label word "
+                "would be scored after EOS; load the tokenizer with add_eos_token=False"
+            )
+        self._check_word_boundaries(prompts, encoded)
+        return [list(ids) for ids in encoded]
+
+    def _check_word_boundaries(self, prompts: list[str], encoded: list[list[int]]) -> None:
+        """Each label word must tokenize after the prompt exactly as it does alone.
+
+        Otherwise the prompt's last token could merge with the word (a template ending in a
+        space followed by a word with a leading space, say), and the score would be read for
+        a token sequence the model never sees in training text.
+        """
+        for word, ids in zip(self.template.label_words, self.word_ids):
+            joined = self.tokenizer([p + word for p in prompts])["input_ids"]
+            for prompt, prompt_ids, joined_ids in zip(prompts, encoded, joined):
+                if list(joined_ids) != list(prompt_ids) + ids:
+                    raise LabelWordError(
+                        f"label word {word!r} tokenizes as {ids} alone but the prompt {prompt[-40:]!r} "
+                        f"followed by it tokenizes as ...{list(joined_ids)[-len(ids) - 2:]}; "
+                        "the word merges with the prompt's end. Give the word a leading space and "
+                        "end the template without one."
+                    )
+
+    def encode(self, examples: list, micro_batch_size: int) -> EncodedClassification:
+        """Tokenise `examples` (with .text and .label) into length-sorted micro-batches."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro-batch size must be at least 1, got {micro_batch_size}")
+        prompt_ids = self._encode_prompts([e.text for e in examples])
+        if self.max_length is not None:
+            longest = max(len(p) for p in prompt_ids) + max(len(w) for w in self.word_ids)
+            if longest > self.max_length:
+                raise ValueError(
+                    f"a prompt with its label word is {longest} tokens, over the model's maximum "
+                    f"length {self.max_length}"
+                )
+        rows = []  # (example index, candidate index or -1, token ids, word ids)
+        for index, ids in enumerate(prompt_ids):
+            if self.single_token:
+                rows.append((index, -1, ids, []))
+            else:
+                for candidate, word in enumerate(self.word_ids):
+                    rows.append((index, candidate, ids + word, word))
+        rows.sort(key=lambda r: len(r[2]))
+        max_word = max(len(w) for w in self.word_ids)
+        batches = []
+        for start in range(0, len(rows), micro_batch_size):
+            chunk = rows[start:start + micro_batch_size]
+            ids, mask, positions = _pad_left([r[2] for r in chunk], self.pad_id)
+            word_ids = torch.full((len(chunk), max_word), -1, dtype=torch.long)
+            for row, r in enumerate(chunk):
+                if r[3]:
+                    word_ids[row, max_word - len(r[3]):] = torch.tensor(r[3])
+            batches.append(MicroBatch(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                rows=torch.tensor([r[0] for r in chunk]), candidates=torch.tensor([r[1] for r in chunk]),
+                word_ids=word_ids,
+            ))
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return EncodedClassification(
+            batches=batches, labels=labels, num_classes=len(self.word_ids), single_token=self.single_token,
+            max_word_tokens=max_word, num_tokens=sum(len(r[2]) for r in rows),
+        )
+
+    @torch.inference_mode()
+    def scores(self, model, encoded: EncodedClassification) -> torch.Tensor:
+        """(N, C) fp32 log-probabilities of each label word (mean over its tokens) after each prompt."""
+        out = torch.empty((len(encoded), encoded.num_classes), dtype=torch.float32)
+        if self.single_token:
+            label_tokens = torch.tensor([ids[0] for ids in self.word_ids])
+        for batch in encoded.batches:
+            if self.single_token:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, logits_to_keep=1).logits[:, -1, :]
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                out[batch.rows] = log_probs[:, label_tokens.to(log_probs.device)].cpu()
+            else:
+                out[batch.rows, batch.candidates] = self._score_candidates(model, batch, encoded.max_word_tokens)
+        return out
+
+    def _score_candidates(self, model, batch: MicroBatch, max_word: int) -> torch.Tensor:
+        # Keep max_word + 1 final positions. Position k of those predicts the token at
+        # position k + 1, so the first max_word of them predict the last max_word tokens,
+        # where the (right-aligned) candidate word sits.
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, logits_to_keep=max_word + 1).logits[:, :-1, :]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        present = batch.word_ids >= 0
+        token_log_probs = log_probs.gather(-1, batch.word_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        token_log_probs = torch.where(present, token_log_probs, torch.zeros_like(token_log_probs))
+        return (token_log_probs.sum(dim=1) / present.sum(dim=1)).cpu()
+
+
+def label_word_losses(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy over the label words: -log softmax(scores)[label], fp32, (N,)."""
+    return torch.nn.functional.cross_entropy(scores, labels.to(scores.device), reduction="none")
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of examples whose highest-scoring label word is the gold one."""
+    return float((scores.argmax(dim=1) == labels.to(scores.device)).float().mean())
