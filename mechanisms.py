@@ -321,9 +321,9 @@ class MIRelease:
         p = self.posterior()
         positive = p[signs > 0].sum()
         negative = p[signs <= 0].sum()
-        # Dividing by positive + negative, not assuming the total is 1, makes q+ exactly 0
-        # or 1 when one side holds no mass: a plain sum of M posteriors 1/M can round to
-        # 1 - 1e-16, which would charge a unanimous step about 4e-15 nats instead of nothing.
+        # Dividing by positive + negative, not by an assumed total of 1, makes q+ exactly 0
+        # or 1 when one side has no mass. A plain sum of M posteriors 1/M can round to
+        # 1 - 1e-16, which would charge a unanimous step about 4e-15 nats.
         return float(positive / (positive + negative))
 
     def step_budget(self, q_plus: float) -> float:
