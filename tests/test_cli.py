@@ -1,0 +1,96 @@
+"""The command line: a tiny `train` run, `eval --run-dir` on it, and rejected input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+import cli
+
+STEP_KEYS = {"step", "seed", "unanimous", "positive_subsets", "release", "release_kind", "sigma", "mi_step",
+             "mi_spent", "lr", "loss"}
+RESULT_KEYS = {"test_metric", "zero_shot_test_metric", "best_dev_metric", "best_step", "steps_run", "mi_spent_nats",
+               "mia_bound", "matched_epsilon", "unanimous_steps", "trainable_params", "final_params_sha256",
+               "seconds_per_step"}
+
+
+def train_arguments(model_dir: str, data_dir: str, output_dir: str) -> list[str]:
+    return ["train", "--model", model_dir, "--data-dir", data_dir, "--output-dir", output_dir,
+            "--pool-size", "32", "--dev-size", "16", "--test-size", "16", "--num-subsets", "8",
+            "--steps", "6", "--eval-every", "3", "--secret-seed", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, sst2_dir):
+    output_dir = str(tmp_path_factory.mktemp("cli") / "run")
+    outcome = CliRunner().invoke(cli.app, train_arguments(tiny_model_dir, sst2_dir, output_dir))
+    assert outcome.exit_code == 0, outcome.output
+    return output_dir
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_train_writes_config(run_dir):
+    config = read_json(os.path.join(run_dir, "config.json"))
+    assert config["options"]["num_subsets"] == 8
+    assert config["options"]["secret_seed"] == 1
+    assert config["split_sizes"] == {"pool": 32, "dev": 16, "test": 16}
+
+
+def test_train_writes_steps(run_dir):
+    with open(os.path.join(run_dir, "steps.jsonl"), encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [r["step"] for r in records] == list(range(6))
+    for record in records:
+        assert STEP_KEYS <= set(record), STEP_KEYS - set(record)
+    assert [r["step"] for r in records if "dev_metric" in r] == [2, 5]
+
+
+def test_train_writes_result(run_dir):
+    result = read_json(os.path.join(run_dir, "result.json"))
+    assert RESULT_KEYS <= set(result), RESULT_KEYS - set(result)
+    assert result["steps_run"] == 6
+    assert result["mi_spent_nats"] == 0.0
+
+
+def test_train_writes_best_weights(run_dir):
+    result = read_json(os.path.join(run_dir, "result.json"))
+    assert result["best_weights"] == "best_adapter"
+    assert os.path.isfile(os.path.join(run_dir, "best_adapter", "adapter_model.safetensors"))
+
+
+def test_eval_run_dir_accuracy(run_dir):
+    outcome = CliRunner().invoke(cli.app, ["eval", "--run-dir", run_dir, "--device", "cpu"])
+    assert outcome.exit_code == 0, outcome.output
+    test_metric = read_json(os.path.join(run_dir, "result.json"))["test_metric"]
+    assert f"{test_metric:.4f}" in outcome.stdout
+
+
+def test_eval_missing_run_dir(tmp_path):
+    outcome = CliRunner().invoke(cli.app, ["eval", "--run-dir", str(tmp_path)])
+    assert outcome.exit_code == 2
+    assert "no config.json" in outcome.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-subsets", "7"], "--num-subsets must be an even integer >= 2 (each example joins exactly half), got 7"),
+    (["--mode", "mi"], "--mode mi needs --mi-budget, a positive number of nats (for example 0.33), got None"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--template", "nope"], "unknown template 'nope' for task 'sst2'; choose one of mezo, instruct"),
+], ids=["odd-subsets", "mi-without-budget", "zero-lr", "unknown-template"])
+def test_train_bad_input(tmp_path, tiny_model_dir, sst2_dir, extra, message):
+    arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + extra
+    outcome = CliRunner().invoke(cli.app, arguments)
+    assert outcome.exit_code == 2
+    assert "Traceback" not in outcome.output
+    # The whole message sits on the last line of stderr, even when it is wider than the
+    # 80 columns rich assumes for a stream that is not a terminal.
+    lines = outcome.stderr.rstrip("\n").splitlines()
+    assert lines[-1] == f"error: {message}"
+    assert sum(line.startswith("error:") for line in lines) == 1
