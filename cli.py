@@ -46,7 +46,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def fail(error: Exception) -> None:
-    # soft_wrap keeps the message on one line: rich would otherwise break it at the
+    # soft_wrap keeps the message on one line, because rich otherwise breaks it at the
     # console width (80 columns when stderr is not a terminal).
     error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)

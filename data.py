@@ -1,19 +1,23 @@
-"""Task data: loading SST-2, the MeZO split, and prompt templates.
+"""Task data: loading SST-2 and SQuAD v1.1, the MeZO split, and prompt templates.
 
-The project ships no dataset text. SST-2 comes from the Hugging Face Hub
-(`stanfordnlp/sst2`) by default, or from a local folder of GLUE TSV files given with
-`--data-dir` (`train.tsv` and `dev.tsv`, header `sentence<TAB>label`, labels 0/1).
+The project ships no dataset text. Both tasks come from the Hugging Face Hub by default
+(`stanfordnlp/sst2`, `rajpurkar/squad`), or from a local folder given with `--data-dir`:
+- SST-2: GLUE TSV files `train.tsv` and `dev.tsv`, header `sentence<TAB>label`, labels 0/1;
+- SQuAD v1.1: the official JSON files `train-v1.1.json` and `dev-v1.1.json`, plain or
+  gzip (`.json.gz`).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("sst2",)
+TASKS = ("sst2", "squad")
 
 
 class DataError(ValueError):
@@ -24,6 +28,16 @@ class DataError(ValueError):
 class LabeledText:
     text: str
     label: int
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """A SQuAD question; `answers` holds every gold answer text (the first one is the target)."""
+
+    title: str
+    context: str
+    question: str
+    answers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -77,8 +91,39 @@ SST2_TEMPLATES = {
 }
 
 
-def get_template(task: str, name: str) -> ClassificationTemplate:
-    templates = {"sst2": SST2_TEMPLATES}.get(task, {})
+@dataclass(frozen=True)
+class QATemplate:
+    """A question-answering prompt in three parts, so that the context can be cut alone.
+
+    The prompt is `before_context + context + after_context`; the model's greedy
+    continuation, cut at its first newline, is the answer.
+    """
+
+    name: str
+    before_context: str
+    after_context: str
+    description: str
+
+    def parts(self, example: QAExample) -> tuple[str, str, str]:
+        return (self.before_context.format(title=example.title), example.context,
+                self.after_context.format(question=example.question))
+
+    def prompt(self, example: QAExample) -> str:
+        return "".join(self.parts(example))
+
+
+SQUAD_TEMPLATES = {
+    "squad": QATemplate(
+        name="squad",
+        before_context="Title: {title}\nContext: ",
+        after_context="\nQuestion: {question}\nAnswer:",
+        description="MeZO's SQuAD prompt, used by the PACZero paper; the target is ' <answer>\\n'.",
+    ),
+}
+
+
+def get_template(task: str, name: str):
+    templates = {"sst2": SST2_TEMPLATES, "squad": SQUAD_TEMPLATES}.get(task, {})
     if name not in templates:
         raise DataError(
             f"unknown template {name!r} for task {task!r}; choose one of {', '.join(templates) or '(none)'}"
@@ -142,9 +187,78 @@ def load_sst2(data_dir: str | None = None) -> TaskData:
     return TaskData(train=train, validation=validation, source="hub:stanfordnlp/sst2")
 
 
+# ---------------------------------------------------------------------------------------
+# SQuAD v1.1
+# ---------------------------------------------------------------------------------------
+
+
+def _find_squad_file(data_dir: str, stem: str) -> str:
+    for name in (f"{stem}.json", f"{stem}.json.gz"):
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(
+        f"SQuAD file not found: {os.path.join(data_dir, stem)}.json or .json.gz; --data-dir must hold "
+        "train-v1.1.json and dev-v1.1.json (official SQuAD v1.1 schema, plain or gzip)"
+    )
+
+
+def _read_squad_json(path: str) -> list[QAExample]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"could not read SQuAD JSON {path}: {error}") from error
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise DataError(f"{path} is not SQuAD v1.1 JSON: expected an object with a 'data' list of articles")
+    examples = []
+    try:
+        for article in payload["data"]:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    answers = tuple(a["text"] for a in qa["answers"])
+                    if not answers:
+                        raise DataError(f"{path}: question {qa.get('id')!r} has no answers")
+                    examples.append(QAExample(title=article["title"],
+                                              context=paragraph["context"], question=qa["question"].strip(),
+                                              answers=answers))
+    except (KeyError, TypeError) as error:
+        raise DataError(f"{path} does not follow the SQuAD v1.1 schema (missing or malformed field {error})") from error
+    if not examples:
+        raise DataError(f"SQuAD file holds no questions: {path}")
+    return examples
+
+
+def load_squad(data_dir: str | None = None) -> TaskData:
+    """SQuAD v1.1 train and validation, from `data_dir` (official JSON, plain or gzip) or from the Hub."""
+    if data_dir is not None:
+        train = _read_squad_json(_find_squad_file(data_dir, "train-v1.1"))
+        validation = _read_squad_json(_find_squad_file(data_dir, "dev-v1.1"))
+        return TaskData(train=train, validation=validation, source=os.path.abspath(data_dir))
+
+    import datasets
+
+    try:
+        hub = datasets.load_dataset("rajpurkar/squad")
+    except Exception as error:  # network, cache and hub errors come in many types
+        raise DataError(
+            f"could not load SQuAD from the Hugging Face Hub ({type(error).__name__}: {error}); "
+            "without network access pass --data-dir with train-v1.1.json(.gz) and dev-v1.1.json(.gz)"
+        ) from error
+
+    def convert(rows) -> list[QAExample]:
+        return [QAExample(title=r["title"], context=r["context"], question=r["question"].strip(),
+                          answers=tuple(r["answers"]["text"])) for r in rows]
+
+    return TaskData(train=convert(hub["train"]), validation=convert(hub["validation"]), source="hub:rajpurkar/squad")
+
+
 def load_task(task: str, data_dir: str | None = None) -> TaskData:
     if task == "sst2":
         return load_sst2(data_dir)
+    if task == "squad":
+        return load_squad(data_dir)
     raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 

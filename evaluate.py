@@ -1,8 +1,14 @@
 """Metrics and the batched scoring they rest on.
 
-Classification (SST-2) is scored by label words: the prompt is followed by each class's
-label word, and the class whose word the model finds most likely wins. The same scores
-give the training loss, the cross-entropy over the label words.
+Each task has a scorer with the same three methods: `encode` (tokenise a set once),
+`losses` (the per-example training objective l_i, fp32) and `evaluate` (the metrics).
+- Classification (SST-2) is scored by label words: the prompt is followed by each class's
+  label word, and the class whose word the model finds most likely wins. The same scores
+  give the training loss, the cross-entropy over the label words.
+- Question answering (SQuAD) is scored by greedy generation: the answer is the
+  continuation up to its first newline, compared with the gold answers by token F1 and
+  exact match. The training objective is l_i = -F1, which is not differentiable; SPSA
+  only needs its values.
 
 Batching. Examples are tokenised once, sorted by length and cut into micro-batches padded
 on the left only to the longest sequence in each. Left padding puts every sequence's last
@@ -13,11 +19,14 @@ sequence's logits equal to those of the same sequence run alone.
 
 from __future__ import annotations
 
+import collections
+import re
+import string
 from dataclasses import dataclass
 
 import torch
 
-from data import ClassificationTemplate
+from data import ClassificationTemplate, QATemplate
 
 
 class LabelWordError(ValueError):
@@ -190,6 +199,14 @@ class LabelWordScorer:
         token_log_probs = torch.where(present, token_log_probs, torch.zeros_like(token_log_probs))
         return (token_log_probs.sum(dim=1) / present.sum(dim=1)).cpu()
 
+    def losses(self, model, encoded: EncodedClassification) -> torch.Tensor:
+        """l_i = cross-entropy over the label words, fp32, shape (N,)."""
+        return label_word_losses(self.scores(model, encoded), encoded.labels)
+
+    def evaluate(self, model, encoded: EncodedClassification) -> dict:
+        acc = accuracy(self.scores(model, encoded), encoded.labels)
+        return {"metric": acc, "accuracy": acc}
+
 
 def label_word_losses(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy over the label words: -log softmax(scores)[label], fp32, (N,)."""
@@ -199,3 +216,165 @@ def label_word_losses(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of examples whose highest-scoring label word is the gold one."""
     return float((scores.argmax(dim=1) == labels.to(scores.device)).float().mean())
+
+
+# ---------------------------------------------------------------------------------------
+# SQuAD v1.1: answer normalisation, F1 and exact match, greedy generation
+# ---------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lowercase, drop punctuation, drop a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall after normalisation (bag of tokens).
+
+    As in the official SQuAD v1.1 script, no shared token means F1 = 0, also when both
+    answers normalise to nothing (punctuation only); exact match scores that case 1.
+    """
+    predicted = normalize_answer(prediction).split()
+    expected = normalize_answer(gold).split()
+    common = collections.Counter(predicted) & collections.Counter(expected)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(predicted)
+    recall = overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_f1(prediction: str, golds) -> float:
+    """F1 against the closest of several gold answers, as the official SQuAD script scores."""
+    return max(token_f1(prediction, g) for g in golds)
+
+
+def best_exact_match(prediction: str, golds) -> float:
+    return max(exact_match(prediction, g) for g in golds)
+
+
+@dataclass
+class EncodedGeneration:
+    """Tokenised, length-sorted, left-padded prompts with their gold answers."""
+
+    batches: list[MicroBatch]
+    answers: list[tuple[str, ...]]
+    truncated: int  # prompts whose context was cut from the left to fit the model
+    num_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def to(self, device: torch.device) -> "EncodedGeneration":
+        for batch in self.batches:
+            for name in ("input_ids", "attention_mask", "position_ids"):
+                setattr(batch, name, getattr(batch, name).to(device))
+        return self
+
+
+class GenerationScorer:
+    """Greedy answers to QA prompts, with F1 / EM, and the SPSA objective l_i = -F1.
+
+    Prompts too long for the model lose tokens from the left of the context only, so the
+    title, the question and the `Answer:` cue are always kept.
+    """
+
+    def __init__(self, tokenizer, template: QATemplate, max_length: int | None, max_new_tokens: int = 50):
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        # Every vocabulary entry whose text contains a newline ends an answer. Byte-level
+        # BPE vocabularies have only a few (GPT-2: "\n", "\n\n", "\n\n\n").
+        vocabulary = tokenizer.get_vocab().values()
+        self.stop_ids = sorted(i for i in vocabulary if "\n" in tokenizer.decode([i]))
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids = sorted(set(self.stop_ids) | {tokenizer.eos_token_id})
+
+    def _encode_prompt(self, example) -> tuple[list[int], bool]:
+        ids = self.tokenizer(self.template.prompt(example))["input_ids"]
+        if self.max_length is None or len(ids) + self.max_new_tokens <= self.max_length:
+            return list(ids), False
+        before, context, after = self.template.parts(example)
+        # Drop context characters from the left at token boundaries until the prompt and
+        # the longest answer fit. Tokenising the shortened prompt again can differ at the
+        # cut by a token, hence the loop.
+        offsets = self.tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        excess = len(ids) + self.max_new_tokens - self.max_length
+        while True:
+            if excess >= len(offsets):
+                raise ValueError(
+                    f"a prompt does not fit the model's maximum length {self.max_length} even with its "
+                    f"context removed; lower --max-new-tokens (now {self.max_new_tokens})"
+                )
+            start = offsets[excess][0]
+            ids = self.tokenizer(before + context[start:] + after)["input_ids"]
+            if len(ids) + self.max_new_tokens <= self.max_length:
+                return list(ids), True
+            excess += 1
+
+    def encode(self, examples: list, micro_batch_size: int) -> EncodedGeneration:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro-batch size must be at least 1, got {micro_batch_size}")
+        prompts = [self._encode_prompt(e) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i][0]))
+        batches = []
+        for start in range(0, len(order), micro_batch_size):
+            rows = order[start:start + micro_batch_size]
+            ids, mask, positions = _pad_left([prompts[i][0] for i in rows], self.pad_id)
+            batches.append(MicroBatch(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      rows=torch.tensor(rows), candidates=torch.full((len(rows),), -1),
+                                      word_ids=torch.empty((len(rows), 0), dtype=torch.long)))
+        return EncodedGeneration(batches=batches, answers=[tuple(e.answers) for e in examples],
+                                 truncated=sum(t for _, t in prompts),
+                                 num_tokens=sum(len(p) for p, _ in prompts))
+
+    @torch.inference_mode()
+    def generate(self, model, encoded: EncodedGeneration) -> list[str]:
+        """Greedy answers, each cut at its first newline; a finished row waits while the batch goes on.
+
+        transformers' `generate` keeps the KV cache, derives position ids from the left-padded
+        attention mask, and marks a row finished at its first stop token (a newline token or
+        EOS), padding it from then on while the other rows continue.
+        """
+        answers = [""] * len(encoded)
+        for batch in encoded.batches:
+            output = model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+            new_tokens = output[:, batch.input_ids.shape[1]:].cpu()
+            for row, tokens in zip(batch.rows.tolist(), new_tokens):
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                answers[row] = text.split("\n", 1)[0].strip()
+        return answers
+
+    def f1_scores(self, model, encoded: EncodedGeneration) -> tuple[list[str], torch.Tensor]:
+        answers = self.generate(model, encoded)
+        f1 = torch.tensor([best_f1(a, golds) for a, golds in zip(answers, encoded.answers)], dtype=torch.float32)
+        return answers, f1
+
+    def losses(self, model, encoded: EncodedGeneration) -> torch.Tensor:
+        """l_i = -F1 of example i's greedy answer, fp32, shape (N,)."""
+        return -self.f1_scores(model, encoded)[1]
+
+    def evaluate(self, model, encoded: EncodedGeneration) -> dict:
+        answers, f1 = self.f1_scores(model, encoded)
+        em = sum(best_exact_match(a, golds) for a, golds in zip(answers, encoded.answers)) / max(len(answers), 1)
+        return {"metric": float(f1.mean()), "f1": float(f1.mean()), "exact_match": em}

@@ -30,13 +30,14 @@ import torch
 import data as data_lib
 import mechanisms
 import zo
-from evaluate import LabelWordScorer, accuracy, label_word_losses
+from evaluate import GenerationScorer, LabelWordScorer
 
 log = logging.getLogger("paczero")
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LR_END = 1e-7  # the linear schedule's last value
+METRIC_NAMES = {"sst2": "accuracy", "squad": "f1"}
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str = field(default=SMOLLM2_NAME, metadata={"help": "Hugging Face causal LM id or local path, or 'smollm2-135m' (offline package)"})
-    task: str = field(default="sst2", metadata={"help": "task name: sst2"})
+    task: str = field(default="sst2", metadata={"help": "task: sst2 (accuracy) or squad (F1, EM)"})
     mode: str = field(default="zpl", metadata={"help": "release rule: zpl (zero MI), mi (MI budget), mezo (non-private)"})
     mi_budget: float | None = field(default=None, metadata={"help": "total MI budget in nats for --mode mi (0.33 nats matches eps = 2)"})
     tuning: str = field(default="lora", metadata={"help": "lora (adapters only) or ft (all weights)"})
@@ -75,7 +76,8 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"help": "run folder for config, logs, results, weights [default: runs/<task>-<mode>-<tuning>-seed<seed>]"})
     dtype: str = field(default="auto", metadata={"help": "weight dtype: fp32, fp16, bf16, auto (fp16 on CUDA, fp32 on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    template: str = field(default="mezo", metadata={"help": "prompt template: mezo ('<s> It was' terrible/great) or instruct (for chat models)"})
+    template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad [default: mezo, squad]"})
+    max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
 
 
@@ -87,6 +89,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+    if cfg.template is None:
+        cfg.template = {"sst2": "mezo", "squad": "squad"}[cfg.task]
     if cfg.lr is None:
         table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4}
         cfg.lr = table.get((cfg.mode, cfg.tuning), 1e-4)
@@ -104,7 +108,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
     positive = {"lr": cfg.lr, "zo_eps": cfg.zo_eps, "clip": cfg.clip, "steps": cfg.steps,
                 "pool_size": cfg.pool_size, "dev_size": cfg.dev_size, "test_size": cfg.test_size,
-                "micro_batch_size": cfg.micro_batch_size, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+                "micro_batch_size": cfg.micro_batch_size, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                "max_new_tokens": cfg.max_new_tokens}
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -201,8 +206,8 @@ def apply_tuning(model, cfg: TrainConfig):
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     # peft initialises B = 0, so the adapted model starts equal to the base model, and
     # keeps adapters in fp32 over fp16/bf16 bases (autocast_adapter_dtype, on by default).
-    # peft draws the A matrices from torch's global generator, so seed it with the public
-    # seed: theta_0 must be a function of public randomness for runs to be reproducible.
+    # peft draws the A matrices from torch's global generator. Seeding it with the public
+    # seed makes theta_0 a function of public randomness, so runs with the same --seed repeat.
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lora)
     model.eval()
@@ -292,6 +297,11 @@ def paczero_step(run: Run, step: int) -> dict:
     grads = estimate.grads if run.clip is None else estimate.grads.clamp(-run.clip, run.clip)
 
     # 4. ghat_m = mean of g_i over subset m (one (M x N) matrix-vector product), s_m = sign.
+    #    A mean of exactly 0 counts as +1. With SQuAD's -F1 objective that is common: if no
+    #    member's answer changed between theta + eps z and theta - eps z, g_i = 0 for all
+    #    of them. When it holds for every subset the step is unanimous at +1 and moves by
+    #    -lr z, a step along a random direction that carries no signal from the data and
+    #    costs nothing (ZPL releases the common sign; MI finds q+ = 1).
     means = mechanisms.subset_means(run.membership, grads)
     signs = mechanisms.subset_signs(means)
 
@@ -306,6 +316,7 @@ def paczero_step(run: Run, step: int) -> dict:
 
     return {
         "step": step, "seed": seed, "unanimous": inputs.unanimous,
+        "zero_differences": int((estimate.loss_plus == estimate.loss_minus).sum()),
         "positive_subsets": inputs.positive_subsets, "release": release.value,
         "release_kind": release.kind, "raw_release": release.raw, "sigma": release.sigma,
         "mi_step": release.mi_nats, "mi_spent": run.rule.mi_spent, "lr": lr, "loss": estimate.mean_loss,
@@ -358,7 +369,7 @@ class Prepared:
     split: data_lib.Split
     device: torch.device
     model: torch.nn.Module
-    scorer: LabelWordScorer
+    scorer: LabelWordScorer | GenerationScorer
     pool: object
     dev: object
     test: object
@@ -377,7 +388,11 @@ def prepare(cfg: TrainConfig, before_model_load: Callable[[], None] | None = Non
     log.info("loading %s (%s on %s)", cfg.model, str(dtype).removeprefix("torch."), device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device)
     model = apply_tuning(model, cfg)
-    scorer = LabelWordScorer(tokenizer, template, max_length=getattr(model.config, "max_position_embeddings", None))
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    if cfg.task == "squad":
+        scorer = GenerationScorer(tokenizer, template, max_length, cfg.max_new_tokens)
+    else:
+        scorer = LabelWordScorer(tokenizer, template, max_length)
     return Prepared(
         task_data=task_data, split=split, device=device, model=model, scorer=scorer,
         pool=scorer.encode(split.pool, cfg.micro_batch_size).to(device),
@@ -412,9 +427,9 @@ def evaluate_model(cfg: TrainConfig, run_dir: str | None = None) -> dict:
     if run_dir is not None:
         load_run_weights(prepared.model, cfg, run_dir)
     started = time.perf_counter()
-    scores = prepared.scorer.scores(prepared.model, prepared.test)
-    return {"task": cfg.task, "model": cfg.model, "metric_name": "accuracy", "examples": len(prepared.test),
-            "metric": accuracy(scores, prepared.test.labels), "seconds": time.perf_counter() - started}
+    metrics = prepared.scorer.evaluate(prepared.model, prepared.test)
+    return {"task": cfg.task, "model": cfg.model, "metric_name": METRIC_NAMES[cfg.task], "examples": len(prepared.test),
+            "metrics": metrics, "metric": metrics["metric"], "seconds": time.perf_counter() - started}
 
 
 def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
@@ -428,10 +443,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     trainable = sum(p.numel() for _, p in named_params)
 
     def pool_losses() -> torch.Tensor:
-        return label_word_losses(scorer.scores(model, pool), pool.labels)
+        return scorer.losses(model, pool)
 
     def metric(encoded) -> float:
-        return accuracy(scorer.scores(model, encoded), encoded.labels)
+        return scorer.evaluate(model, encoded)["metric"]
 
     public_rng = np.random.default_rng(cfg.seed)
     secret_rng = np.random.default_rng(cfg.secret_seed)
@@ -444,12 +459,16 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         "options": dataclasses.asdict(cfg), "versions": library_versions(),
         "hardware": hardware_description(device), "data_source": task_data.source,
         "split_sizes": {"pool": len(split.pool), "dev": len(split.dev), "test": len(split.test)},
-        "trainable_params": trainable, "label_words_single_token": scorer.single_token,
+        "trainable_params": trainable, "label_words_single_token": getattr(scorer, "single_token", None),
     })
 
+    for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
+        if getattr(encoded, "truncated", 0):
+            log.info("%s: %d of %d contexts cut from the left to fit the model", name, encoded.truncated, len(encoded))
     log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
     zero_shot_dev = metric(dev)
-    zero_shot_test = metric(test)
+    zero_shot_test_metrics = scorer.evaluate(model, test)
+    zero_shot_test = zero_shot_test_metrics["metric"]
     log.info("zero-shot: dev %.4f, test %.4f", zero_shot_dev, zero_shot_test)
 
     best = {"dev": -math.inf, "step": None, "params": None}
@@ -457,6 +476,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     step_seconds = []
     steps_run = 0
     unanimous_steps = 0
+    zero_differences = 0
     stop_reason = "completed"
     steps_path = os.path.join(cfg.output_dir, "steps.jsonl")
     with open(steps_path, "w", encoding="utf-8") as steps_file:
@@ -470,6 +490,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             step_seconds.append(time.perf_counter() - started)
             steps_run += 1
             unanimous_steps += int(record["unanimous"])
+            zero_differences += record["zero_differences"]
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"non-finite pool loss at step {step}; lower --lr or --zo-eps")
 
@@ -494,17 +515,21 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
 
     final_sha = params_sha256(named_params)
     load_snapshot(named_params, best["params"])
-    test_metric = metric(test)
+    test_metrics = scorer.evaluate(model, test)
+    test_metric = test_metrics["metric"]
     weights_path = save_best_weights(model, cfg, best["params"], cfg.output_dir)
 
     report = mechanisms.privacy_report(rule.mi_spent) if rule.mi_spent is not None else {
         "mi_spent_nats": None, "mia_bound": None, "matched_epsilon": None}
     result = {
-        "task": cfg.task, "metric_name": "accuracy", "mode": cfg.mode, "model": cfg.model, "tuning": cfg.tuning,
-        "test_metric": test_metric, "zero_shot_test_metric": zero_shot_test, "zero_shot_dev_metric": zero_shot_dev,
+        "task": cfg.task, "metric_name": METRIC_NAMES[cfg.task], "mode": cfg.mode, "model": cfg.model,
+        "tuning": cfg.tuning, "test_metric": test_metric, "zero_shot_test_metric": zero_shot_test,
+        "test_metrics": test_metrics, "zero_shot_test_metrics": zero_shot_test_metrics,
+        "zero_shot_dev_metric": zero_shot_dev,
         "best_dev_metric": best["dev"], "best_step": best["step"], "steps_run": steps_run,
         "stop_reason": stop_reason, **report, "mi_budget_nats": cfg.mi_budget,
         "unanimous_steps": unanimous_steps, "unanimity_rate": unanimous_steps / max(steps_run, 1),
+        "zero_difference_rate": zero_differences / max(steps_run * len(pool), 1),
         "trainable_params": trainable, "final_params_sha256": final_sha,
         "seconds_per_step": float(np.mean(step_seconds)) if step_seconds else None,
         "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": dev_history,
