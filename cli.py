@@ -88,6 +88,11 @@ def train(
     task: Annotated[str, option("task")] = DEFAULTS.task,
     mode: Annotated[str, option("mode")] = DEFAULTS.mode,
     mi_budget: Annotated[Optional[float], option("mi_budget")] = DEFAULTS.mi_budget,
+    directions: Annotated[int, option("directions")] = DEFAULTS.directions,
+    batch_size: Annotated[Optional[int], option("batch_size")] = DEFAULTS.batch_size,
+    dp_epsilon: Annotated[Optional[float], option("dp_epsilon")] = DEFAULTS.dp_epsilon,
+    dp_delta: Annotated[float, option("dp_delta")] = DEFAULTS.dp_delta,
+    sampling_rate: Annotated[float, option("sampling_rate")] = DEFAULTS.sampling_rate,
     tuning: Annotated[str, option("tuning")] = DEFAULTS.tuning,
     lora_rank: Annotated[int, option("lora_rank")] = DEFAULTS.lora_rank,
     lora_alpha: Annotated[float, option("lora_alpha")] = DEFAULTS.lora_alpha,
@@ -130,7 +135,7 @@ def train(
 
     def on_step(record: dict) -> None:
         mi = "n/a" if record["mi_spent"] is None else f"{record['mi_spent']:.4f} nats"
-        rate = 100 * record["unanimous_steps"] / record["steps_run"]
+        rate = 100 * record["unanimous_steps"] / record["releases"]
         progress.update(bar, completed=record["steps_run"], mi=mi, unanimity=f"{rate:.0f} %",
                         loss=f"{record['loss']:.4f}")
         if "dev_metric" in record:

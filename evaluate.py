@@ -53,11 +53,15 @@ class EncodedClassification:
     single_token: bool
     max_word_tokens: int
     num_tokens: int  # real (unpadded) tokens per full pass, for throughput figures
+    prompt_ids: list[list[int]]  # per example, kept so that a subset can be re-batched
+    micro_batch_size: int
+    device: torch.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def to(self, device: torch.device) -> "EncodedClassification":
+        self.device = torch.device(device)
         for batch in self.batches:
             for name in ("input_ids", "attention_mask", "position_ids", "word_ids"):
                 setattr(batch, name, getattr(batch, name).to(device))
@@ -136,7 +140,17 @@ class LabelWordScorer:
         if micro_batch_size < 1:
             raise ValueError(f"micro-batch size must be at least 1, got {micro_batch_size}")
         prompt_ids = self._encode_prompts([e.text for e in examples])
-        if self.max_length is not None:
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return self._batch(prompt_ids, labels, micro_batch_size)
+
+    def subset(self, encoded: EncodedClassification, rows) -> EncodedClassification:
+        """The examples at `rows` (in that order) re-batched from their cached token ids."""
+        rows = [int(r) for r in rows]
+        subset = self._batch([encoded.prompt_ids[r] for r in rows], encoded.labels[rows], encoded.micro_batch_size)
+        return subset.to(encoded.device)
+
+    def _batch(self, prompt_ids: list[list[int]], labels: torch.Tensor, micro_batch_size: int) -> EncodedClassification:
+        if prompt_ids and self.max_length is not None:
             longest = max(len(p) for p in prompt_ids) + max(len(w) for w in self.word_ids)
             if longest > self.max_length:
                 raise ValueError(
@@ -165,10 +179,10 @@ class LabelWordScorer:
                 rows=torch.tensor([r[0] for r in chunk]), candidates=torch.tensor([r[1] for r in chunk]),
                 word_ids=word_ids,
             ))
-        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
         return EncodedClassification(
             batches=batches, labels=labels, num_classes=len(self.word_ids), single_token=self.single_token,
-            max_word_tokens=max_word, num_tokens=sum(len(r[2]) for r in rows),
+            max_word_tokens=max_word, num_tokens=sum(len(r[2]) for r in rows), prompt_ids=prompt_ids,
+            micro_batch_size=micro_batch_size,
         )
 
     @torch.inference_mode()
@@ -272,11 +286,15 @@ class EncodedGeneration:
     answers: list[tuple[str, ...]]
     truncated: int  # prompts whose context was cut from the left to fit the model
     num_tokens: int
+    prompt_ids: list[list[int]]
+    micro_batch_size: int
+    device: torch.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return len(self.answers)
 
     def to(self, device: torch.device) -> "EncodedGeneration":
+        self.device = torch.device(device)
         for batch in self.batches:
             for name in ("input_ids", "attention_mask", "position_ids"):
                 setattr(batch, name, getattr(batch, name).to(device))
@@ -331,17 +349,29 @@ class GenerationScorer:
         if micro_batch_size < 1:
             raise ValueError(f"micro-batch size must be at least 1, got {micro_batch_size}")
         prompts = [self._encode_prompt(e) for e in examples]
-        order = sorted(range(len(examples)), key=lambda i: len(prompts[i][0]))
+        return self._batch([p for p, _ in prompts], [tuple(e.answers) for e in examples], micro_batch_size,
+                           truncated=sum(t for _, t in prompts))
+
+    def subset(self, encoded: EncodedGeneration, rows) -> EncodedGeneration:
+        """The examples at `rows` (in that order) re-batched from their cached token ids."""
+        rows = [int(r) for r in rows]
+        subset = self._batch([encoded.prompt_ids[r] for r in rows], [encoded.answers[r] for r in rows],
+                             encoded.micro_batch_size, truncated=0)
+        return subset.to(encoded.device)
+
+    def _batch(self, prompt_ids: list[list[int]], answers: list, micro_batch_size: int,
+               truncated: int) -> EncodedGeneration:
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         batches = []
         for start in range(0, len(order), micro_batch_size):
             rows = order[start:start + micro_batch_size]
-            ids, mask, positions = _pad_left([prompts[i][0] for i in rows], self.pad_id)
+            ids, mask, positions = _pad_left([prompt_ids[i] for i in rows], self.pad_id)
             batches.append(MicroBatch(input_ids=ids, attention_mask=mask, position_ids=positions,
                                       rows=torch.tensor(rows), candidates=torch.full((len(rows),), -1),
                                       word_ids=torch.empty((len(rows), 0), dtype=torch.long)))
-        return EncodedGeneration(batches=batches, answers=[tuple(e.answers) for e in examples],
-                                 truncated=sum(t for _, t in prompts),
-                                 num_tokens=sum(len(p) for p, _ in prompts))
+        return EncodedGeneration(batches=batches, answers=answers, truncated=truncated,
+                                 num_tokens=sum(len(p) for p in prompt_ids), prompt_ids=prompt_ids,
+                                 micro_batch_size=micro_batch_size)
 
     @torch.inference_mode()
     def generate(self, model, encoded: EncodedGeneration) -> list[str]:

@@ -44,7 +44,7 @@ CERTAINTY_TOLERANCE = 1e-12
 QUADRATURE_NODES = 200
 QUADRATURE_MARGIN = 1e-8
 
-MODES = ("zpl", "mi", "mezo")
+MODES = ("zpl", "mi", "mezo", "dpzero", "dpaggzo", "raw_full", "quant_full", "raw_half", "quant_half", "random_sign")
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,17 +225,25 @@ class StepInput:
     """What one step hands to a release rule; per_example holds the clipped g_i in fp32."""
 
     per_example: torch.Tensor
-    means: torch.Tensor
-    signs: torch.Tensor
+    means: torch.Tensor | None  # None for rules that do not use the subsets
+    signs: torch.Tensor | None
     coin: int  # a fair +-1 coin from the public generator, drawn every step
 
-    @property
-    def positive_subsets(self) -> int:
-        return int((self.signs > 0).sum())
+    @classmethod
+    def build(cls, per_example: torch.Tensor, coin: int, membership: torch.Tensor | None) -> "StepInput":
+        """Compute the subset means and signs, or leave them None when `membership` is None."""
+        if membership is None:
+            return cls(per_example=per_example, means=None, signs=None, coin=coin)
+        means = subset_means(membership, per_example)
+        return cls(per_example=per_example, means=means, signs=subset_signs(means), coin=coin)
 
     @property
-    def unanimous(self) -> bool:
-        return bool((self.signs == self.signs[0]).all())
+    def positive_subsets(self) -> int | None:
+        return None if self.signs is None else int((self.signs > 0).sum())
+
+    @property
+    def unanimous(self) -> bool | None:
+        return None if self.signs is None else bool((self.signs == self.signs[0]).all())
 
 
 @dataclass
@@ -249,7 +257,54 @@ class Release:
     raw: float | None = None  # the real-valued release r_t of PACZero-MI
 
 
-class ZPLRelease:
+class ReleaseRule:
+    """Common shape of every release rule, and the defaults most of them use.
+
+    A step hands the rule the per-example projected gradients of each of its K directions.
+    The rule may choose which pool rows enter the step (`sample_rows`), clips the
+    gradients (`clip`) and returns one release per direction (`release_step`).
+    """
+
+    name = ""
+    uses_subsets = True   # the step must compute subset means and signs for this rule
+    private = True
+
+    def __init__(self, clip: float | None):
+        self.clip_bound = clip
+        self.mi_spent: float | None = 0.0
+
+    def sample_rows(self, pool_size: int) -> np.ndarray | None:
+        """Indices of the pool rows that enter this step; None means the whole pool."""
+        return None
+
+    def clip(self, grads: torch.Tensor) -> torch.Tensor:
+        """Clip every g_i of every direction to [-clip, clip]; grads has shape (K, n)."""
+        if self.clip_bound is None:
+            return grads
+        return grads.clamp(-self.clip_bound, self.clip_bound)
+
+    def release(self, step: StepInput) -> Release:
+        raise NotImplementedError
+
+    def release_step(self, inputs: list[StepInput]) -> list[Release]:
+        """One release per direction, in order (a stateful rule sees them one after another)."""
+        return [self.release(direction) for direction in inputs]
+
+    def exhausted(self) -> bool:
+        return False
+
+    def privacy(self) -> dict:
+        """The run's privacy figures for result.json; None where a figure does not apply."""
+        return {"mi_spent_nats": None, "mia_bound": None, "matched_epsilon": None}
+
+    def state_dict(self) -> dict:
+        return {"mi_spent": self.mi_spent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mi_spent = state["mi_spent"]
+
+
+class ZPLRelease(ReleaseRule):
     """PACZero-ZPL: the unanimous sign, or else a fair coin. I(S*; Y_1..Y_T) = 0 exactly.
 
     If all M subsets agree, s_{S*} equals that common sign whichever subset is secret.
@@ -260,26 +315,20 @@ class ZPLRelease:
 
     name = "zpl"
 
-    def __init__(self, num_subsets: int):
+    def __init__(self, num_subsets: int, clip: float | None = None):
+        super().__init__(clip)
         self.num_subsets = num_subsets
-        self.mi_spent = 0.0
 
     def release(self, step: StepInput) -> Release:
         if step.unanimous:
             return Release(value=float(step.signs[0]), kind="unanimous")
         return Release(value=float(step.coin), kind="coin")
 
-    def exhausted(self) -> bool:
-        return False
-
-    def state_dict(self) -> dict:
-        return {"mi_spent": self.mi_spent}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mi_spent = state["mi_spent"]
+    def privacy(self) -> dict:
+        return privacy_report(self.mi_spent)
 
 
-class MIRelease:
+class MIRelease(ReleaseRule):
     """PACZero-MI: the secret subset's sign plus Gaussian noise calibrated to an MI budget.
 
     The adversary's posterior p over the M subset indices starts uniform. Per step:
@@ -295,12 +344,16 @@ class MIRelease:
 
     name = "mi"
 
-    def __init__(self, num_subsets: int, budget: float, total_steps: int, secret_rng: np.random.Generator):
+    def __init__(self, num_subsets: int, budget: float, total_steps: int, secret_rng: np.random.Generator,
+                 clip: float | None = None, directions: int = 1):
+        super().__init__(clip)
         if not budget > 0.0 or not math.isfinite(budget):
             raise ValueError(f"the MI budget must be a positive number of nats, got {budget}")
         self.num_subsets = num_subsets
         self.budget = float(budget)
-        self.total_steps = int(total_steps)
+        # With K directions per step every direction is one release, so the budget is
+        # spread over T * K releases: beta_t / K each.
+        self.total_steps = int(total_steps) * int(directions)
         self.secret_rng = secret_rng
         self.secret_index = int(secret_rng.integers(num_subsets))
         self.log_posterior = np.full(num_subsets, -math.log(num_subsets))
@@ -365,6 +418,9 @@ class MIRelease:
             self.log_posterior = self.log_posterior + np.where(signs == released, 0.0, -np.inf)
         self.log_posterior -= np.logaddexp.reduce(self.log_posterior)
 
+    def privacy(self) -> dict:
+        return privacy_report(self.mi_spent)
+
     def exhausted(self) -> bool:
         """True once the budget is spent up to a relative 1e-9 (rounding of the per-step split)."""
         return self.mi_spent >= self.budget * (1.0 - 1e-9)
@@ -384,37 +440,156 @@ class MIRelease:
         self.secret_index = state["secret_index"]
 
 
-class MeZORelease:
-    """Non-private MeZO: the raw full-pool mean projected gradient, no clipping, no privacy."""
+class MeZORelease(ReleaseRule):
+    """Non-private MeZO: the raw mean projected gradient of the pool or of a minibatch, unclipped.
+
+    With `batch_size` below the pool size, each step draws a minibatch uniformly without
+    replacement from `batch_rng`, a generator kept apart from the public stream so that
+    the perturbation seeds stay the same as in the other modes.
+    """
 
     name = "mezo"
+    uses_subsets = False
+    private = False
 
-    def __init__(self, num_subsets: int):
+    def __init__(self, num_subsets: int, batch_size: int | None = None, batch_rng: np.random.Generator | None = None):
+        super().__init__(clip=None)
         self.num_subsets = num_subsets
+        self.batch_size = batch_size
+        self.batch_rng = batch_rng
         self.mi_spent = None  # no privacy accounting applies
+
+    def sample_rows(self, pool_size: int) -> np.ndarray | None:
+        if self.batch_size is None or self.batch_size >= pool_size:
+            return None
+        return np.sort(self.batch_rng.choice(pool_size, size=self.batch_size, replace=False))
 
     def release(self, step: StepInput) -> Release:
         return Release(value=float(step.per_example.to(torch.float64).mean()), kind="raw")
 
-    def exhausted(self) -> bool:
-        return False
+
+class DPZORelease(ReleaseRule):
+    """DPZero (K = 1) and DP-AggZO (K directions): (epsilon, delta)-DP zeroth-order steps.
+
+    Per step, each pool example enters the minibatch independently with probability q
+    (Poisson sampling, from the secret generator). Example i's vector of K projected
+    gradients is clipped to L2 norm C, the vectors are summed, Gaussian noise
+    N(0, (sigma C)^2 I_K) is added, and the result is divided by the expected batch size
+    q N. Adding or removing one example moves the sum by at most C in L2 norm, so this is
+    the subsampled Gaussian mechanism, and sigma (the noise multiplier) comes from opacus'
+    RDP accountant for the target (epsilon, delta) over T steps at sampling rate q.
+    For K = 1 the L2 clip is the scalar clip of g_i to [-C, C].
+    """
+
+    name = "dpzero"
+    uses_subsets = False
+
+    def __init__(self, clip: float, epsilon: float, delta: float, sampling_rate: float, total_steps: int,
+                 pool_size: int, secret_rng: np.random.Generator, directions: int = 1):
+        from opacus.accountants.utils import get_noise_multiplier
+
+        super().__init__(clip)
+        for label, value, low, high in (("epsilon", epsilon, 0.0, math.inf), ("delta", delta, 0.0, 1.0),
+                                        ("sampling rate", sampling_rate, 0.0, 1.0)):
+            if not low < value <= high or not math.isfinite(value):
+                raise ValueError(f"DP {label} must be in ({low}, {high}], got {value}")
+        self.name = "dpzero" if directions == 1 else "dpaggzo"
+        self.epsilon, self.delta = float(epsilon), float(delta)
+        self.sampling_rate = float(sampling_rate)
+        self.pool_size = pool_size
+        self.secret_rng = secret_rng
+        self.noise_multiplier = float(get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sampling_rate, steps=total_steps,
+            accountant="rdp"))
+        self.mi_spent = None
+
+    def sample_rows(self, pool_size: int) -> np.ndarray:
+        return np.flatnonzero(self.secret_rng.random(pool_size) < self.sampling_rate)
+
+    def clip(self, grads: torch.Tensor) -> torch.Tensor:
+        norms = grads.double().norm(dim=0)
+        scale = (self.clip_bound / norms.clamp(min=1e-300)).clamp(max=1.0)
+        return (grads.double() * scale).float()
+
+    def release_step(self, inputs: list[StepInput]) -> list[Release]:
+        directions = len(inputs)
+        if inputs[0].per_example.numel():
+            total = torch.stack([i.per_example for i in inputs]).double().sum(dim=1).numpy()
+        else:
+            total = np.zeros(directions)
+        noise = self.secret_rng.normal(0.0, self.noise_multiplier * self.clip_bound, size=directions)
+        values = (total + noise) / (self.sampling_rate * self.pool_size)
+        return [Release(value=float(v), kind="dp_noisy", sigma=self.noise_multiplier * self.clip_bound)
+                for v in values]
+
+    def privacy(self) -> dict:
+        # Matching epsilon-DP's membership-inference bound e^eps / (1 + e^eps); delta is
+        # reported beside it and not folded in.
+        return {"mi_spent_nats": None, "mia_bound": 1.0 / (1.0 + math.exp(-self.epsilon)),
+                "matched_epsilon": self.epsilon, "dp_epsilon": self.epsilon, "dp_delta": self.delta,
+                "noise_multiplier": self.noise_multiplier}
+
+
+ABLATIONS = ("raw_full", "quant_full", "raw_half", "quant_half", "random_sign")
+
+
+class AblationRelease(ReleaseRule):
+    """The mechanism decomposition, none of it private; each isolates one ingredient of PACZero.
+
+    - raw_full: the clipped full-pool mean of g_i (MeZO with clipping);
+    - quant_full: its sign (what sign quantisation alone costs);
+    - raw_half: the secret subset's mean (what training on half the pool costs);
+    - quant_half: its sign, s_{S*}, which is PACZero-MI with infinite budget;
+    - random_sign: a fair coin every step, a negative control that ignores the data.
+    """
+
+    private = False
+
+    def __init__(self, kind: str, num_subsets: int, clip: float | None, secret_rng: np.random.Generator):
+        if kind not in ABLATIONS:
+            raise ValueError(f"unknown ablation {kind!r}; choose one of {', '.join(ABLATIONS)}")
+        super().__init__(clip)
+        self.name = kind
+        self.num_subsets = num_subsets
+        self.secret_index = int(secret_rng.integers(num_subsets))
+        self.mi_spent = None
+
+    def release(self, step: StepInput) -> Release:
+        if self.name == "raw_full":
+            return Release(value=float(step.per_example.double().mean()), kind="raw")
+        if self.name == "quant_full":
+            return Release(value=1.0 if float(step.per_example.double().mean()) >= 0 else -1.0, kind="sign")
+        if self.name == "raw_half":
+            return Release(value=float(step.means[self.secret_index]), kind="raw")
+        if self.name == "quant_half":
+            return Release(value=float(step.signs[self.secret_index]), kind="sign")
+        return Release(value=float(step.coin), kind="coin")
 
     def state_dict(self) -> dict:
-        return {}
+        return {"mi_spent": None, "secret_index": self.secret_index}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.secret_index = state["secret_index"]
 
 
 def make_release_rule(mode: str, num_subsets: int, total_steps: int, mi_budget: float | None,
-                      secret_rng: np.random.Generator):
+                      secret_rng: np.random.Generator, *, clip: float | None = None, directions: int = 1,
+                      pool_size: int | None = None, batch_size: int | None = None,
+                      batch_rng: np.random.Generator | None = None, dp_epsilon: float | None = None,
+                      dp_delta: float = 1e-5, sampling_rate: float | None = None) -> ReleaseRule:
     """Build the release rule for `mode` (one of MODES)."""
     if mode == "zpl":
-        return ZPLRelease(num_subsets)
+        return ZPLRelease(num_subsets, clip=clip)
     if mode == "mi":
         if mi_budget is None:
             raise ValueError("--mode mi needs --mi-budget, a positive number of nats (for example 0.33)")
-        return MIRelease(num_subsets, mi_budget, total_steps, secret_rng)
+        return MIRelease(num_subsets, mi_budget, total_steps, secret_rng, clip=clip, directions=directions)
     if mode == "mezo":
-        return MeZORelease(num_subsets)
+        return MeZORelease(num_subsets, batch_size=batch_size, batch_rng=batch_rng)
+    if mode in ("dpzero", "dpaggzo"):
+        if dp_epsilon is None or sampling_rate is None or pool_size is None or clip is None:
+            raise ValueError(f"--mode {mode} needs --dp-epsilon, --sampling-rate and --clip")
+        return DPZORelease(clip, dp_epsilon, dp_delta, sampling_rate, total_steps, pool_size, secret_rng, directions)
+    if mode in ABLATIONS:
+        return AblationRelease(mode, num_subsets, clip, secret_rng)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

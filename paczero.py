@@ -54,8 +54,13 @@ class ConfigError(ValueError):
 class TrainConfig:
     model: str = field(default=SMOLLM2_NAME, metadata={"help": "Hugging Face causal LM id or local path, or 'smollm2-135m' (offline package)"})
     task: str = field(default="sst2", metadata={"help": "task: sst2 (accuracy) or squad (F1, EM)"})
-    mode: str = field(default="zpl", metadata={"help": "release rule: zpl (zero MI), mi (MI budget), mezo (non-private)"})
+    mode: str = field(default="zpl", metadata={"help": "release rule: zpl (zero MI), mi (MI budget), mezo (non-private), dpzero / dpaggzo (DP baselines), raw_full / quant_full / raw_half / quant_half / random_sign (ablations, not private)"})
     mi_budget: float | None = field(default=None, metadata={"help": "total MI budget in nats for --mode mi (0.33 nats matches eps = 2)"})
+    directions: int = field(default=1, metadata={"help": "SPSA directions K per step, each released separately (2K forward passes per step) [dpaggzo paper recipe: 64]"})
+    batch_size: int | None = field(default=None, metadata={"help": "mezo: minibatch size drawn from the pool each step [default: the whole pool]"})
+    dp_epsilon: float | None = field(default=None, metadata={"help": "dpzero / dpaggzo: target epsilon over the whole run"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "dpzero / dpaggzo: target delta"})
+    sampling_rate: float = field(default=0.064, metadata={"help": "dpzero / dpaggzo: Poisson sampling probability q per example per step"})
     tuning: str = field(default="lora", metadata={"help": "lora (adapters only) or ft (all weights)"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha / r)"})
@@ -92,7 +97,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.template is None:
         cfg.template = {"sst2": "mezo", "squad": "squad"}[cfg.task]
     if cfg.lr is None:
-        table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4}
+        table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4,
+                 ("dpzero", "ft"): 5e-6, ("dpaggzo", "ft"): 5e-6}
         cfg.lr = table.get((cfg.mode, cfg.tuning), 1e-4)
     if cfg.clip is None:
         cfg.clip = 25.0 if cfg.tuning == "lora" else 1000.0
@@ -115,6 +121,24 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if cfg.eval_every < 0:
         raise ConfigError(f"--eval-every must be 0 (only at the end) or positive, got {cfg.eval_every}")
+    if cfg.directions < 1:
+        raise ConfigError(f"--directions must be at least 1, got {cfg.directions}")
+    if cfg.mode == "dpzero" and cfg.directions != 1:
+        raise ConfigError(f"--mode dpzero uses one direction; for {cfg.directions} use --mode dpaggzo")
+    if cfg.mode in ("dpzero", "dpaggzo"):
+        if cfg.dp_epsilon is None or not (cfg.dp_epsilon > 0 and math.isfinite(cfg.dp_epsilon)):
+            raise ConfigError(f"--mode {cfg.mode} needs --dp-epsilon, a positive number (for example 2), got {cfg.dp_epsilon}")
+        if not 0 < cfg.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {cfg.dp_delta}")
+        if not 0 < cfg.sampling_rate <= 1:
+            raise ConfigError(f"--sampling-rate must be in (0, 1], got {cfg.sampling_rate}")
+    elif cfg.dp_epsilon is not None:
+        raise ConfigError(f"--dp-epsilon applies to --mode dpzero and dpaggzo only, not --mode {cfg.mode}")
+    if cfg.batch_size is not None:
+        if cfg.mode != "mezo":
+            raise ConfigError(f"--batch-size applies to --mode mezo only; --mode {cfg.mode} uses the whole pool")
+        if cfg.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.num_subsets < 2 or cfg.num_subsets % 2:
         raise ConfigError(f"--num-subsets must be an even integer >= 2 (each example joins exactly half), got {cfg.num_subsets}")
     if cfg.mode == "mi":
@@ -263,16 +287,16 @@ def _json_number(value):
 
 @dataclass
 class Run:
-    """Everything a step needs, built once by `setup`."""
+    """Everything a step needs, built once by `train`."""
 
     cfg: TrainConfig
     model: torch.nn.Module
     named_params: list[tuple[str, torch.Tensor]]
-    pool_losses: Callable[[], torch.Tensor]
+    pool_losses: Callable[[np.ndarray | None], torch.Tensor]  # (rows) -> l_i of those rows, fp32
+    pool_size: int
     membership: torch.Tensor
-    rule: object
+    rule: mechanisms.ReleaseRule
     public_rng: np.random.Generator
-    clip: float | None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -281,20 +305,30 @@ class Run:
 
 def paczero_step(run: Run, step: int) -> dict:
     """One PACZero step; returns its record for steps.jsonl."""
-    cfg = run.cfg
+    cfg, directions = run.cfg, run.cfg.directions
 
-    # 1. Public randomness, drawn every step in the same order whatever happens, so the
-    #    stream of seeds and coins is the same for every mode, secret and data.
-    seed = int(run.public_rng.integers(2**63 - 1))
-    coin = 1 if run.public_rng.random() < 0.5 else -1
+    # 1. Public randomness: a perturbation seed and a coin per direction, drawn every step
+    #    in the same order whatever happens, so the stream is the same for every mode,
+    #    secret and data. Then the rows that enter the step: the whole pool for PACZero, a
+    #    minibatch for MeZO, a Poisson sample drawn from the secret generator for DP.
+    draws = [(int(run.public_rng.integers(2**63 - 1)), 1 if run.public_rng.random() < 0.5 else -1)
+             for _ in range(directions)]
+    rows = run.rule.sample_rows(run.pool_size)
 
-    # 2. g_i = (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps) for every pool example,
-    #    from two forward passes over the pool. M does not enter the cost.
-    estimate = zo.projected_gradients(run.params, seed, cfg.zo_eps, run.pool_losses)
+    # 2. g_i = (l_i(theta + eps z) - l_i(theta - eps z)) / (2 eps) for every example in the
+    #    step, from two forward passes per direction. M does not enter the cost. Every
+    #    direction is measured at the same theta.
+    estimates = []
+    for k, (seed, _) in enumerate(draws):
+        estimates.append(zo.projected_gradients(run.params, seed, cfg.zo_eps, lambda: run.pool_losses(rows)))
+        if k < directions - 1:
+            zo.perturb_(run.params, seed, cfg.zo_eps)  # back to theta for the next direction
+    grads = torch.stack([e.grads for e in estimates])  # (K, n)
 
-    # 3. Clipping to [-c, c] bounds how far one example can move a subset mean. MeZO
-    #    (non-private) uses the raw values.
-    grads = estimate.grads if run.clip is None else estimate.grads.clamp(-run.clip, run.clip)
+    # 3. Clipping bounds how far one example can move what is released: each g_i to
+    #    [-c, c] for PACZero (a subset mean then moves by at most 2c / |S_m|), each example's
+    #    K-vector to L2 norm C for DP. MeZO uses the raw values.
+    grads = run.rule.clip(grads)
 
     # 4. ghat_m = mean of g_i over subset m (one (M x N) matrix-vector product), s_m = sign.
     #    A mean of exactly 0 counts as +1. With SQuAD's -F1 objective that is common: if no
@@ -302,24 +336,46 @@ def paczero_step(run: Run, step: int) -> dict:
     #    of them. When it holds for every subset the step is unanimous at +1 and moves by
     #    -lr z, a step along a random direction that carries no signal from the data and
     #    costs nothing (ZPL releases the common sign; MI finds q+ = 1).
-    means = mechanisms.subset_means(run.membership, grads)
-    signs = mechanisms.subset_signs(means)
+    membership = run.membership if run.rule.uses_subsets else None
+    inputs = [mechanisms.StepInput.build(grads[k], coin, membership) for k, (_, coin) in enumerate(draws)]
 
-    # 5. Release. ZPL: the unanimous sign, else a public coin (0 nats). MI: the secret
-    #    subset's sign plus calibrated Gaussian noise (charged in nats). MeZO: the raw mean.
-    inputs = mechanisms.StepInput(per_example=grads, means=means, signs=signs, coin=coin)
-    release = run.rule.release(inputs)
+    # 5. Release, one number per direction. ZPL: the unanimous sign, else a public coin
+    #    (0 nats). MI: the secret subset's sign plus calibrated Gaussian noise (charged in
+    #    nats). MeZO: the raw mean. DP: the noisy clipped mean.
+    releases = run.rule.release_step(inputs)
 
-    # 6. theta <- theta - lr_t * release * z, restoring from theta - eps z in the same pass.
+    # 6. theta <- theta - (lr_t / K) * sum_k release_k * z_k. The last direction's update
+    #    shares one regeneration of z with the restore from theta - eps z.
     lr = learning_rate(cfg.lr, step, cfg.steps)
-    zo.restore_and_update_(run.params, seed, cfg.zo_eps, lr * release.value)
+    for k, ((seed, _), release) in enumerate(zip(draws, releases)):
+        step_size = lr * release.value / directions
+        if k == directions - 1:
+            zo.restore_and_update_(run.params, seed, cfg.zo_eps, step_size)
+        else:
+            zo.perturb_(run.params, seed, -step_size)
+
+    return step_record(step, draws, rows, estimates, inputs, releases, run.rule, lr)
+
+
+def step_record(step, draws, rows, estimates, inputs, releases, rule, lr) -> dict:
+    """The steps.jsonl line: scalars for one direction, lists of K values for K directions."""
+    def per_direction(values: list):
+        if all(v is None for v in values):
+            return None
+        return values[0] if len(values) == 1 else values
 
     return {
-        "step": step, "seed": seed, "unanimous": inputs.unanimous,
-        "zero_differences": int((estimate.loss_plus == estimate.loss_minus).sum()),
-        "positive_subsets": inputs.positive_subsets, "release": release.value,
-        "release_kind": release.kind, "raw_release": release.raw, "sigma": release.sigma,
-        "mi_step": release.mi_nats, "mi_spent": run.rule.mi_spent, "lr": lr, "loss": estimate.mean_loss,
+        "step": step, "seed": per_direction([seed for seed, _ in draws]),
+        "unanimous": per_direction([i.unanimous for i in inputs]),
+        "zero_differences": sum(int((e.loss_plus == e.loss_minus).sum()) for e in estimates),
+        "positive_subsets": per_direction([i.positive_subsets for i in inputs]),
+        "release": per_direction([r.value for r in releases]),
+        "release_kind": per_direction([r.kind for r in releases]),
+        "raw_release": per_direction([r.raw for r in releases]),
+        "sigma": per_direction([r.sigma for r in releases]),
+        "mi_step": sum(r.mi_nats for r in releases), "mi_spent": rule.mi_spent, "lr": lr,
+        "loss": float(np.mean([e.mean_loss for e in estimates])) if len(estimates[0].grads) else None,
+        "rows": None if rows is None else len(rows),
     }
 
 
@@ -442,8 +498,12 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     named_params = zo.trainable_parameters(model)
     trainable = sum(p.numel() for _, p in named_params)
 
-    def pool_losses() -> torch.Tensor:
-        return scorer.losses(model, pool)
+    def pool_losses(rows: np.ndarray | None) -> torch.Tensor:
+        if rows is None:
+            return scorer.losses(model, pool)
+        if len(rows) == 0:  # an empty Poisson sample: no forward pass, no examples
+            return torch.empty(0)
+        return scorer.losses(model, scorer.subset(pool, rows))
 
     def metric(encoded) -> float:
         return scorer.evaluate(model, encoded)["metric"]
@@ -451,9 +511,18 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     public_rng = np.random.default_rng(cfg.seed)
     secret_rng = np.random.default_rng(cfg.secret_seed)
     membership = mechanisms.membership_matrix(len(split.pool), cfg.num_subsets, public_rng)
-    rule = mechanisms.make_release_rule(cfg.mode, cfg.num_subsets, cfg.steps, cfg.mi_budget, secret_rng)
-    run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, membership=membership,
-              rule=rule, public_rng=public_rng, clip=None if cfg.mode == "mezo" else cfg.clip)
+    # MeZO's minibatches come from their own generator so that the public stream of seeds
+    # and coins stays the same in every mode.
+    batch_rng = np.random.default_rng([cfg.seed, 1])
+    try:
+        rule = mechanisms.make_release_rule(
+            cfg.mode, cfg.num_subsets, cfg.steps, cfg.mi_budget, secret_rng, clip=cfg.clip,
+            directions=cfg.directions, pool_size=len(split.pool), batch_size=cfg.batch_size, batch_rng=batch_rng,
+            dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta, sampling_rate=cfg.sampling_rate)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, pool_size=len(split.pool),
+              membership=membership, rule=rule, public_rng=public_rng)
 
     write_json(os.path.join(cfg.output_dir, "config.json"), {
         "options": dataclasses.asdict(cfg), "versions": library_versions(),
@@ -477,6 +546,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     steps_run = 0
     unanimous_steps = 0
     zero_differences = 0
+    examples_evaluated = 0
     stop_reason = "completed"
     steps_path = os.path.join(cfg.output_dir, "steps.jsonl")
     with open(steps_path, "w", encoding="utf-8") as steps_file:
@@ -489,9 +559,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             record = paczero_step(run, step)
             step_seconds.append(time.perf_counter() - started)
             steps_run += 1
-            unanimous_steps += int(record["unanimous"])
+            if record["unanimous"] is not None:
+                unanimous_steps += int(np.sum(record["unanimous"]))
             zero_differences += record["zero_differences"]
-            if not math.isfinite(record["loss"]):
+            examples_evaluated += cfg.directions * (len(pool) if record["rows"] is None else record["rows"])
+            if record["loss"] is not None and not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"non-finite pool loss at step {step}; lower --lr or --zo-eps")
 
             last = step == cfg.steps - 1
@@ -504,7 +576,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
             steps_file.write(json.dumps(record, default=_json_number) + "\n")
             steps_file.flush()
             if on_step is not None:
-                on_step({**record, "unanimous_steps": unanimous_steps, "steps_run": steps_run})
+                on_step({**record, "unanimous_steps": unanimous_steps, "steps_run": steps_run,
+                         "releases": steps_run * cfg.directions})
 
     if not dev_history or dev_history[-1]["step"] != steps_run:
         # An early stop (MI budget spent) skipped the last scheduled evaluation.
@@ -519,8 +592,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     test_metric = test_metrics["metric"]
     weights_path = save_best_weights(model, cfg, best["params"], cfg.output_dir)
 
-    report = mechanisms.privacy_report(rule.mi_spent) if rule.mi_spent is not None else {
-        "mi_spent_nats": None, "mia_bound": None, "matched_epsilon": None}
+    report = rule.privacy()
     result = {
         "task": cfg.task, "metric_name": METRIC_NAMES[cfg.task], "mode": cfg.mode, "model": cfg.model,
         "tuning": cfg.tuning, "test_metric": test_metric, "zero_shot_test_metric": zero_shot_test,
@@ -528,8 +600,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         "zero_shot_dev_metric": zero_shot_dev,
         "best_dev_metric": best["dev"], "best_step": best["step"], "steps_run": steps_run,
         "stop_reason": stop_reason, **report, "mi_budget_nats": cfg.mi_budget,
-        "unanimous_steps": unanimous_steps, "unanimity_rate": unanimous_steps / max(steps_run, 1),
-        "zero_difference_rate": zero_differences / max(steps_run * len(pool), 1),
+        # With K directions these count releases (K per step), not steps.
+        "unanimous_steps": unanimous_steps, "unanimity_rate": unanimous_steps / max(steps_run * cfg.directions, 1),
+        "zero_difference_rate": zero_differences / max(examples_evaluated, 1),
         "trainable_params": trainable, "final_params_sha256": final_sha,
         "seconds_per_step": float(np.mean(step_seconds)) if step_seconds else None,
         "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": dev_history,
