@@ -64,13 +64,20 @@ def result_table(result: dict) -> Table:
     table = Table(title=f"{result['task']} / {result['mode']} / {result['tuning']} / {result['model']}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
+    name = result["metric_name"]
     rows = [
-        ("zero-shot test accuracy", result["zero_shot_test_metric"]),
-        ("fine-tuned test accuracy (dev-best)", result["test_metric"]),
-        ("best dev accuracy", result["best_dev_metric"]),
+        (f"zero-shot test {name}", result["zero_shot_test_metric"]),
+        (f"fine-tuned test {name} (dev-best)", result["test_metric"]),
+    ]
+    if "exact_match" in result["test_metrics"]:
+        rows += [("zero-shot test exact match", (result["zero_shot_test_metrics"] or {}).get("exact_match")),
+                 ("fine-tuned test exact match", result["test_metrics"]["exact_match"])]
+    rows += [
+        (f"best dev {name}", result["best_dev_metric"]),
         ("best step", result["best_step"]),
         ("steps run", result["steps_run"]),
         ("unanimous steps", f"{result['unanimous_steps']} ({100 * result['unanimity_rate']:.1f} %)"),
+        ("zero-difference rate (g_i = 0)", result["zero_difference_rate"]),
         ("MI spent (nats)", result["mi_spent_nats"]),
         ("MIA success bound", result["mia_bound"]),
         ("matched DP epsilon", result["matched_epsilon"]),
@@ -113,8 +120,10 @@ def train(
     output_dir: Annotated[Optional[str], option("output_dir")] = DEFAULTS.output_dir,
     dtype: Annotated[str, option("dtype")] = DEFAULTS.dtype,
     device: Annotated[str, option("device")] = DEFAULTS.device,
-    template: Annotated[str, option("template")] = DEFAULTS.template,
+    template: Annotated[Optional[str], option("template")] = DEFAULTS.template,
+    max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     micro_batch_size: Annotated[int, option("micro_batch_size")] = DEFAULTS.micro_batch_size,
+    zero_shot: Annotated[bool, option("zero_shot")] = DEFAULTS.zero_shot,
     verbose: Annotated[bool, typer.Option(help="log debug messages")] = False,
 ) -> None:
     """Fine-tune a causal LM with PACZero (zpl, mi) or non-private MeZO and write a run folder."""
@@ -139,7 +148,7 @@ def train(
         progress.update(bar, completed=record["steps_run"], mi=mi, unanimity=f"{rate:.0f} %",
                         loss=f"{record['loss']:.4f}")
         if "dev_metric" in record:
-            progress.console.log(f"step {record['step'] + 1}: dev accuracy {record['dev_metric']:.4f}")
+            progress.console.log(f"step {record['step'] + 1}: dev {cfg.task} metric {record['dev_metric']:.4f}")
 
     started = time.perf_counter()
     try:
@@ -156,7 +165,8 @@ def evaluate_command(
     run_dir: Annotated[Optional[str], typer.Option(help="a finished run folder: evaluate its dev-best weights on its test split")] = None,
     model: Annotated[str, option("model")] = DEFAULTS.model,
     task: Annotated[str, option("task")] = DEFAULTS.task,
-    template: Annotated[str, option("template")] = DEFAULTS.template,
+    template: Annotated[Optional[str], option("template")] = DEFAULTS.template,
+    max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     data_dir: Annotated[Optional[str], option("data_dir")] = DEFAULTS.data_dir,
     test_size: Annotated[int, option("test_size")] = DEFAULTS.test_size,
     data_seed: Annotated[int, typer.Option(help="seed of the test-set draw (when the validation split is larger than --test-size)")] = 0,
@@ -178,16 +188,19 @@ def evaluate_command(
                 cfg.data_dir = data_dir
         else:
             cfg = paczero.TrainConfig(model=model, task=task, template=template, data_dir=data_dir,
+                                      max_new_tokens=max_new_tokens,
                                       test_size=test_size, data_seed=data_seed, dtype=dtype, device=device,
                                       micro_batch_size=micro_batch_size)
         outcome = paczero.evaluate_model(cfg, run_dir=run_dir)
     except USER_ERRORS as error:
         fail(error)
     table = Table(title=f"{outcome['task']} test, {outcome['model']}" + (f", run {run_dir}" if run_dir else ", zero-shot"))
+    metrics = {k: v for k, v in outcome["metrics"].items() if k != "metric"}
     table.add_column("examples", justify="right")
-    table.add_column(outcome["metric_name"], justify="right")
+    for name in metrics:
+        table.add_column(name.replace("_", " "), justify="right")
     table.add_column("seconds", justify="right")
-    table.add_row(str(outcome["examples"]), f"{outcome['metric']:.4f}", f"{outcome['seconds']:.1f}")
+    table.add_row(str(outcome["examples"]), *(f"{v:.4f}" for v in metrics.values()), f"{outcome['seconds']:.1f}")
     console.print(table)
 
 

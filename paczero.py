@@ -84,6 +84,7 @@ class TrainConfig:
     template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad [default: mezo, squad]"})
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
+    zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training on dev and test (--no-zero-shot skips it)"})
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -534,11 +535,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
         if getattr(encoded, "truncated", 0):
             log.info("%s: %d of %d contexts cut from the left to fit the model", name, encoded.truncated, len(encoded))
-    log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
-    zero_shot_dev = metric(dev)
-    zero_shot_test_metrics = scorer.evaluate(model, test)
-    zero_shot_test = zero_shot_test_metrics["metric"]
-    log.info("zero-shot: dev %.4f, test %.4f", zero_shot_dev, zero_shot_test)
+    zero_shot_dev = zero_shot_test = zero_shot_test_metrics = None
+    if cfg.zero_shot:
+        log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
+        zero_shot_dev = metric(dev)
+        zero_shot_test_metrics = scorer.evaluate(model, test)
+        zero_shot_test = zero_shot_test_metrics["metric"]
+        log.info("zero-shot: dev %.4f, test %.4f", zero_shot_dev, zero_shot_test)
 
     best = {"dev": -math.inf, "step": None, "params": None}
     dev_history = []
