@@ -89,6 +89,10 @@ class LabelWordScorer:
       by the mean log-prob of its tokens.
     """
 
+    # Switches that the benchmark's re-creation of slower scoring turns off.
+    sort_by_length = True     # micro-batches of similar lengths pad less
+    keep_all_logits = False   # True: run the LM head on every position
+
     def __init__(self, tokenizer, template: ClassificationTemplate, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.template = template
@@ -164,7 +168,8 @@ class LabelWordScorer:
             else:
                 for candidate, word in enumerate(self.word_ids):
                     rows.append((index, candidate, ids + word, word))
-        rows.sort(key=lambda r: len(r[2]))
+        if self.sort_by_length:
+            rows.sort(key=lambda r: len(r[2]))
         max_word = max(len(w) for w in self.word_ids)
         batches = []
         for start in range(0, len(rows), micro_batch_size):
@@ -187,31 +192,38 @@ class LabelWordScorer:
 
     @torch.inference_mode()
     def scores(self, model, encoded: EncodedClassification) -> torch.Tensor:
-        """(N, C) fp32 log-probabilities of each label word (mean over its tokens) after each prompt."""
-        out = torch.empty((len(encoded), encoded.num_classes), dtype=torch.float32)
+        """(N, C) fp32 log-probabilities of each label word (mean over its tokens) after each prompt.
+
+        The scores stay on the model's device until the end, so a pass over the pool costs
+        one device-to-host copy, not one per micro-batch.
+        """
+        out = torch.empty((len(encoded), encoded.num_classes), dtype=torch.float32, device=encoded.device)
         if self.single_token:
-            label_tokens = torch.tensor([ids[0] for ids in self.word_ids])
+            label_tokens = torch.tensor([ids[0] for ids in self.word_ids], device=encoded.device)
         for batch in encoded.batches:
+            rows = batch.rows.to(encoded.device)
             if self.single_token:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids, logits_to_keep=1).logits[:, -1, :]
                 log_probs = torch.log_softmax(logits.float(), dim=-1)
-                out[batch.rows] = log_probs[:, label_tokens.to(log_probs.device)].cpu()
+                out[rows] = log_probs[:, label_tokens]
             else:
-                out[batch.rows, batch.candidates] = self._score_candidates(model, batch, encoded.max_word_tokens)
-        return out
+                candidates = batch.candidates.to(encoded.device)
+                out[rows, candidates] = self._score_candidates(model, batch, encoded.max_word_tokens)
+        return out.cpu()
 
     def _score_candidates(self, model, batch: MicroBatch, max_word: int) -> torch.Tensor:
         # Keep max_word + 1 final positions. Position k of those predicts the token at
         # position k + 1, so the first max_word of them predict the last max_word tokens,
         # where the (right-aligned) candidate word sits.
+        keep = 0 if self.keep_all_logits else max_word + 1
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, logits_to_keep=max_word + 1).logits[:, :-1, :]
+                       position_ids=batch.position_ids, logits_to_keep=keep).logits[:, -(max_word + 1):-1, :]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         present = batch.word_ids >= 0
         token_log_probs = log_probs.gather(-1, batch.word_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         token_log_probs = torch.where(present, token_log_probs, torch.zeros_like(token_log_probs))
-        return (token_log_probs.sum(dim=1) / present.sum(dim=1)).cpu()
+        return token_log_probs.sum(dim=1) / present.sum(dim=1)
 
     def losses(self, model, encoded: EncodedClassification) -> torch.Tensor:
         """l_i = cross-entropy over the label words, fp32, shape (N,)."""
@@ -308,6 +320,8 @@ class GenerationScorer:
     title, the question and the `Answer:` cue are always kept.
     """
 
+    sort_by_length = True  # the benchmark's re-creation of slower batching turns it off
+
     def __init__(self, tokenizer, template: QATemplate, max_length: int | None, max_new_tokens: int = 50):
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -361,7 +375,9 @@ class GenerationScorer:
 
     def _batch(self, prompt_ids: list[list[int]], answers: list, micro_batch_size: int,
                truncated: int) -> EncodedGeneration:
-        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        order = list(range(len(prompt_ids)))
+        if self.sort_by_length:
+            order.sort(key=lambda i: len(prompt_ids[i]))
         batches = []
         for start in range(0, len(order), micro_batch_size):
             rows = order[start:start + micro_batch_size]
