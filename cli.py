@@ -20,6 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+import bench as bench_lib
 import data as data_lib
 import mechanisms
 import paczero
@@ -124,7 +125,7 @@ def train(
     device: Annotated[str, option("device")] = DEFAULTS.device,
     template: Annotated[Optional[str], option("template")] = DEFAULTS.template,
     max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
-    micro_batch_size: Annotated[int, option("micro_batch_size")] = DEFAULTS.micro_batch_size,
+    micro_batch_size: Annotated[Optional[int], option("micro_batch_size")] = DEFAULTS.micro_batch_size,
     zero_shot: Annotated[bool, option("zero_shot")] = DEFAULTS.zero_shot,
     verbose: Annotated[bool, typer.Option(help="log debug messages")] = False,
 ) -> None:
@@ -174,7 +175,7 @@ def evaluate_command(
     data_seed: Annotated[int, typer.Option(help="seed of the test-set draw (when the validation split is larger than --test-size)")] = 0,
     dtype: Annotated[str, option("dtype")] = DEFAULTS.dtype,
     device: Annotated[str, option("device")] = DEFAULTS.device,
-    micro_batch_size: Annotated[int, option("micro_batch_size")] = DEFAULTS.micro_batch_size,
+    micro_batch_size: Annotated[Optional[int], option("micro_batch_size")] = DEFAULTS.micro_batch_size,
 ) -> None:
     """Evaluate a model zero-shot, or a finished run's dev-best weights, on the test split."""
     configure_logging(False)
@@ -290,6 +291,73 @@ def reproduce(
     with open(markdown_path, "w", encoding="utf-8") as handle:
         handle.write(reproduce_lib.markdown_table(title, header, lines, notes))
     console.print(f"Markdown table: {markdown_path} (wall time {time.perf_counter() - started:.0f} s)")
+
+
+def format_bytes(value: int) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="model id or path, smollm2-135m, or a random OPT shape (random-opt-125m, random-opt-1.3b, ...)")] = "random-opt-125m",
+    task: Annotated[str, option("task")] = "sst2",
+    tuning: Annotated[str, option("tuning")] = "lora",
+    dtype: Annotated[str, option("dtype")] = "auto",
+    device: Annotated[str, option("device")] = "auto",
+    pool_size: Annotated[int, typer.Option(help="pool examples per step")] = 256,
+    micro_batch_size: Annotated[Optional[int], option("micro_batch_size")] = None,
+    steps: Annotated[int, typer.Option(help="timed steps after warm-up (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed steps first")] = 1,
+    baseline: Annotated[bool, typer.Option(help="also time the per-step work of the paper's public release")] = False,
+    drift_cycles: Annotated[int, typer.Option(help="also measure weight drift after this many +eps/-2eps/+eps cycles in fp32, fp16, bf16 (0: skip)")] = 0,
+    data_dir: Annotated[Optional[str], option("data_dir")] = None,
+    template: Annotated[Optional[str], option("template")] = None,
+    max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="write the figures to this JSON file")] = None,
+) -> None:
+    """Time PACZero steps against their floor (two forward passes plus one draw of z)."""
+    configure_logging(False)
+    cfg = bench_lib.BenchConfig(model=model, task=task, tuning=tuning, dtype=dtype, device=device, pool_size=pool_size,
+                                micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, baseline=baseline,
+                                data_dir=data_dir, template=template, max_new_tokens=max_new_tokens)
+    if steps < 1 or warmup < 0 or drift_cycles < 0:
+        fail(paczero.ConfigError("--steps must be at least 1, --warmup and --drift-cycles at least 0"))
+    try:
+        figures = bench_lib.run_bench(cfg)
+        drift = bench_lib.weight_drift(cfg, drift_cycles) if drift_cycles else None
+    except USER_ERRORS as error:
+        fail(error)
+    table = Table(title=f"PACZero step: {model}, {task}, {tuning}, {figures['dtype']}, pool {figures['pool_size']}, "
+                        f"micro-batch {figures['micro_batch_size']}, {figures['device']}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("seconds per step (median)", f"{figures['seconds_per_step']:.3f}")
+    for name, seconds in figures["phases_seconds"].items():
+        table.add_row(f"  {name}", f"{seconds:.3f}")
+    table.add_row("floor: 2 forward passes + 1 draw of z", f"{figures['floor_seconds']:.3f}")
+    table.add_row("step / floor", f"{figures['step_over_floor']:.3f}")
+    table.add_row("tokens per second (2 passes)", f"{figures['tokens_per_second']:.0f}")
+    table.add_row("peak memory (" + ("max allocated" if "cuda" in str(figures['device']).lower() or figures['mfu'] is not None else "RSS") + ")",
+                  format_bytes(figures["peak_memory_bytes"]))
+    table.add_row("model FLOP utilisation", "n/a" if figures["mfu"] is None else f"{100 * figures['mfu']:.1f} %")
+    table.add_row("zero-difference rate (g_i = 0)", f"{figures['zero_difference_rate']:.3f}")
+    if baseline:
+        table.add_row("paper-release baseline, seconds per step", f"{figures['baseline_seconds_per_step']:.3f}")
+        table.add_row("speedup over the baseline", f"{figures['speedup_over_baseline']:.2f}x")
+    console.print(table)
+    if drift:
+        drift_table = Table(title=f"Weight drift after {drift_cycles} cycles of +eps, -2 eps, +eps (no update)")
+        for name in ("dtype", "elements", "max |drift|", "relative L2 drift", "fraction changed", "seconds"):
+            drift_table.add_column(name, justify="right")
+        for row in drift:
+            drift_table.add_row(row["dtype"], f"{row['elements']:,}", f"{row['max_abs_drift']:.3g}",
+                                f"{row['relative_l2_drift']:.3g}", f"{row['fraction_changed']:.3f}", f"{row['seconds']:.1f}")
+        console.print(drift_table)
+        figures["drift"] = drift
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=2)
+        console.print(f"figures written to {json_path}")
 
 
 if __name__ == "__main__":

