@@ -203,6 +203,15 @@ def membership_matrix(num_examples: int, num_subsets: int, rng: np.random.Genera
     return torch.from_numpy(member.T.copy())
 
 
+def draw_secret_index(secret_rng: np.random.Generator, num_subsets: int) -> int:
+    """S*, the secret subset: the first draw of the secret generator, uniform over the M subsets.
+
+    Every mode draws it, including those that never read it (ZPL), so that an audit can
+    recover it from --secret-seed and compare members of S* with non-members.
+    """
+    return int(secret_rng.integers(num_subsets))
+
+
 def subset_means(membership: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
     """ghat_m = mean of g_i over the members of subset m, as one (M x N) @ (N) product in fp64."""
     weights = membership.to(torch.float64)
@@ -345,7 +354,7 @@ class MIRelease(ReleaseRule):
     name = "mi"
 
     def __init__(self, num_subsets: int, budget: float, total_steps: int, secret_rng: np.random.Generator,
-                 clip: float | None = None, directions: int = 1):
+                 clip: float | None = None, directions: int = 1, secret_index: int | None = None):
         super().__init__(clip)
         if not budget > 0.0 or not math.isfinite(budget):
             raise ValueError(f"the MI budget must be a positive number of nats, got {budget}")
@@ -355,7 +364,7 @@ class MIRelease(ReleaseRule):
         # spread over T * K releases: beta_t / K each.
         self.total_steps = int(total_steps) * int(directions)
         self.secret_rng = secret_rng
-        self.secret_index = int(secret_rng.integers(num_subsets))
+        self.secret_index = draw_secret_index(secret_rng, num_subsets) if secret_index is None else secret_index
         self.log_posterior = np.full(num_subsets, -math.log(num_subsets))
         self.mi_spent = 0.0
         self.steps_done = 0
@@ -456,7 +465,7 @@ class MeZORelease(ReleaseRule):
         super().__init__(clip=None)
         self.num_subsets = num_subsets
         self.batch_size = batch_size
-        self.batch_rng = batch_rng
+        self.batch_rng = batch_rng if batch_rng is not None else np.random.default_rng()
         self.mi_spent = None  # no privacy accounting applies
 
     def sample_rows(self, pool_size: int) -> np.ndarray | None:
@@ -489,10 +498,12 @@ class DPZORelease(ReleaseRule):
         from opacus.accountants.utils import get_noise_multiplier
 
         super().__init__(clip)
-        for label, value, low, high in (("epsilon", epsilon, 0.0, math.inf), ("delta", delta, 0.0, 1.0),
-                                        ("sampling rate", sampling_rate, 0.0, 1.0)):
-            if not low < value <= high or not math.isfinite(value):
-                raise ValueError(f"DP {label} must be in ({low}, {high}], got {value}")
+        if not (0.0 < epsilon and math.isfinite(epsilon)):
+            raise ValueError(f"DP epsilon must be a positive number, got {epsilon}")
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"DP delta must be in (0, 1), got {delta}")
+        if not 0.0 < sampling_rate <= 1.0:
+            raise ValueError(f"the sampling rate must be in (0, 1], got {sampling_rate}")
         self.name = "dpzero" if directions == 1 else "dpaggzo"
         self.epsilon, self.delta = float(epsilon), float(delta)
         self.sampling_rate = float(sampling_rate)
@@ -545,13 +556,14 @@ class AblationRelease(ReleaseRule):
 
     private = False
 
-    def __init__(self, kind: str, num_subsets: int, clip: float | None, secret_rng: np.random.Generator):
+    def __init__(self, kind: str, num_subsets: int, clip: float | None, secret_rng: np.random.Generator,
+                 secret_index: int | None = None):
         if kind not in ABLATIONS:
             raise ValueError(f"unknown ablation {kind!r}; choose one of {', '.join(ABLATIONS)}")
         super().__init__(clip)
         self.name = kind
         self.num_subsets = num_subsets
-        self.secret_index = int(secret_rng.integers(num_subsets))
+        self.secret_index = draw_secret_index(secret_rng, num_subsets) if secret_index is None else secret_index
         self.mi_spent = None
 
     def release(self, step: StepInput) -> Release:
@@ -573,7 +585,8 @@ class AblationRelease(ReleaseRule):
 
 
 def make_release_rule(mode: str, num_subsets: int, total_steps: int, mi_budget: float | None,
-                      secret_rng: np.random.Generator, *, clip: float | None = None, directions: int = 1,
+                      secret_rng: np.random.Generator, *, secret_index: int | None = None,
+                      clip: float | None = None, directions: int = 1,
                       pool_size: int | None = None, batch_size: int | None = None,
                       batch_rng: np.random.Generator | None = None, dp_epsilon: float | None = None,
                       dp_delta: float = 1e-5, sampling_rate: float | None = None) -> ReleaseRule:
@@ -583,7 +596,8 @@ def make_release_rule(mode: str, num_subsets: int, total_steps: int, mi_budget: 
     if mode == "mi":
         if mi_budget is None:
             raise ValueError("--mode mi needs --mi-budget, a positive number of nats (for example 0.33)")
-        return MIRelease(num_subsets, mi_budget, total_steps, secret_rng, clip=clip, directions=directions)
+        return MIRelease(num_subsets, mi_budget, total_steps, secret_rng, clip=clip, directions=directions,
+                         secret_index=secret_index)
     if mode == "mezo":
         return MeZORelease(num_subsets, batch_size=batch_size, batch_rng=batch_rng)
     if mode in ("dpzero", "dpaggzo"):
@@ -591,5 +605,5 @@ def make_release_rule(mode: str, num_subsets: int, total_steps: int, mi_budget: 
             raise ValueError(f"--mode {mode} needs --dp-epsilon, --sampling-rate and --clip")
         return DPZORelease(clip, dp_epsilon, dp_delta, sampling_rate, total_steps, pool_size, secret_rng, directions)
     if mode in ABLATIONS:
-        return AblationRelease(mode, num_subsets, clip, secret_rng)
+        return AblationRelease(mode, num_subsets, clip, secret_rng, secret_index=secret_index)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
