@@ -48,11 +48,32 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def fail(error: Exception) -> None:
+def fail(error: Exception, code: int = 2) -> None:
     # soft_wrap keeps the message on one line, because rich otherwise breaks it at the
     # console width (80 columns when stderr is not a terminal).
     error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+# Options a resumed run may change: neither privacy nor the trajectory depends on them.
+RESUMABLE_OPTIONS = {"save_every", "eval_every"}
+
+
+def resumed_options(run_dir: str, options: dict, given: set[str]) -> dict:
+    """The saved options of the run in `run_dir`, after checking what the command line changes."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise paczero.ConfigError(f"no config.json in {run_dir}; --resume needs a folder written by train")
+    with open(config_path, encoding="utf-8") as handle:
+        saved = json.load(handle)["options"]
+    for name in sorted(given - {"output_dir"}):
+        if name not in RESUMABLE_OPTIONS and options[name] != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise paczero.ConfigError(
+                f"{flag} {options[name]} differs from the run's {saved.get(name)}: a resumed run keeps every "
+                f"option that affects privacy or the trajectory; drop {flag} or start a new run"
+            )
+    return {**saved, **{name: options[name] for name in given & RESUMABLE_OPTIONS}, "output_dir": run_dir}
 
 
 def format_number(value, digits: int = 4) -> str:
@@ -94,6 +115,7 @@ def result_table(result: dict) -> Table:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[str, option("model")] = DEFAULTS.model,
     task: Annotated[str, option("task")] = DEFAULTS.task,
     mode: Annotated[str, option("mode")] = DEFAULTS.mode,
@@ -127,12 +149,17 @@ def train(
     max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     micro_batch_size: Annotated[Optional[int], option("micro_batch_size")] = DEFAULTS.micro_batch_size,
     zero_shot: Annotated[bool, option("zero_shot")] = DEFAULTS.zero_shot,
+    save_every: Annotated[int, option("save_every")] = DEFAULTS.save_every,
+    resume: Annotated[Optional[str], typer.Option(help="continue the unfinished run in this folder from its last checkpoint, with its saved options")] = None,
     verbose: Annotated[bool, typer.Option(help="log debug messages")] = False,
 ) -> None:
     """Fine-tune a causal LM with PACZero (zpl, mi) or non-private MeZO and write a run folder."""
     configure_logging(verbose)
     options = {k: v for k, v in locals().items() if k in HELP}
     try:
+        if resume is not None:
+            given = {name for name in options if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+            options = resumed_options(resume, options, given)
         cfg = paczero.resolve_defaults(paczero.TrainConfig(**options))
     except USER_ERRORS as error:
         fail(error)
@@ -148,17 +175,19 @@ def train(
     def on_step(record: dict) -> None:
         mi = "n/a" if record["mi_spent"] is None else f"{record['mi_spent']:.4f} nats"
         rate = 100 * record["unanimous_steps"] / record["releases"]
-        progress.update(bar, completed=record["steps_run"], mi=mi, unanimity=f"{rate:.0f} %",
-                        loss=f"{record['loss']:.4f}")
+        loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+        progress.update(bar, completed=record["steps_run"], mi=mi, unanimity=f"{rate:.0f} %", loss=loss)
         if "dev_metric" in record:
             progress.console.log(f"step {record['step'] + 1}: dev {cfg.task} metric {record['dev_metric']:.4f}")
 
     started = time.perf_counter()
     try:
         with progress:
-            result = paczero.train(cfg, on_step=on_step)
+            result = paczero.train(cfg, on_step=on_step, resume=resume is not None)
     except USER_ERRORS as error:
         fail(error)
+    except paczero.TrainingError as error:
+        fail(error, code=1)
     console.print(result_table(result))
     console.print(f"run folder: {cfg.output_dir} (wall time {time.perf_counter() - started:.0f} s)")
 

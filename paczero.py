@@ -85,6 +85,7 @@ class TrainConfig:
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass [default: 32 on CPU; on CUDA the largest power of two up to 512 that fits in memory]"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training on dev and test (--no-zero-shot skips it)"})
+    save_every: int = field(default=100, metadata={"help": "write a checkpoint every this many steps (0: never); --resume continues from the last one"})
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -97,6 +98,10 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
     if cfg.template is None:
         cfg.template = {"sst2": "mezo", "squad": "squad"}[cfg.task]
+    try:
+        data_lib.get_template(cfg.task, cfg.template)
+    except data_lib.DataError as error:
+        raise ConfigError(str(error)) from error
     if cfg.lr is None:
         table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4,
                  ("dpzero", "ft"): 5e-6, ("dpaggzo", "ft"): 5e-6}
@@ -122,6 +127,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
         raise ConfigError(f"--micro-batch-size must be at least 1, got {cfg.micro_batch_size}")
+    if cfg.save_every < 0:
+        raise ConfigError(f"--save-every must be 0 (never) or positive, got {cfg.save_every}")
     if cfg.eval_every < 0:
         raise ConfigError(f"--eval-every must be 0 (only at the end) or positive, got {cfg.eval_every}")
     if cfg.directions < 1:
@@ -350,6 +357,7 @@ class Run:
     membership: torch.Tensor
     rule: mechanisms.ReleaseRule
     public_rng: np.random.Generator
+    log_release: Callable[[dict], None] = lambda record: None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -376,6 +384,7 @@ def paczero_step(run: Run, step: int) -> dict:
         estimates.append(zo.projected_gradients(run.params, seed, cfg.zo_eps, lambda: run.pool_losses(rows)))
         if k < directions - 1:
             zo.perturb_(run.params, seed, cfg.zo_eps)  # back to theta for the next direction
+    check_finite(run, step, estimates)
     grads = torch.stack([e.grads for e in estimates])  # (K, n)
 
     # 3. Clipping bounds how far one example can move what is released: each g_i to
@@ -396,18 +405,22 @@ def paczero_step(run: Run, step: int) -> dict:
     #    (0 nats). MI: the secret subset's sign plus calibrated Gaussian noise (charged in
     #    nats). MeZO: the raw mean. DP: the noisy clipped mean.
     releases = run.rule.release_step(inputs)
+    lr = learning_rate(cfg.lr, step, cfg.steps)
+    record = step_record(step, draws, rows, estimates, inputs, releases, run.rule, lr)
+
+    # The release and the MI it spent reach the disk before the weights move, so a crash
+    # at any later point cannot lose the ledger.
+    run.log_release(record)
 
     # 6. theta <- theta - (lr_t / K) * sum_k release_k * z_k. The last direction's update
     #    shares one regeneration of z with the restore from theta - eps z.
-    lr = learning_rate(cfg.lr, step, cfg.steps)
     for k, ((seed, _), release) in enumerate(zip(draws, releases)):
         step_size = lr * release.value / directions
         if k == directions - 1:
             zo.restore_and_update_(run.params, seed, cfg.zo_eps, step_size)
         else:
             zo.perturb_(run.params, seed, -step_size)
-
-    return step_record(step, draws, rows, estimates, inputs, releases, run.rule, lr)
+    return record
 
 
 def step_record(step, draws, rows, estimates, inputs, releases, rule, lr) -> dict:
@@ -429,13 +442,17 @@ def step_record(step, draws, rows, estimates, inputs, releases, rule, lr) -> dic
         "mi_step": sum(r.mi_nats for r in releases), "mi_spent": rule.mi_spent, "lr": lr,
         "loss": float(np.mean([e.mean_loss for e in estimates])) if len(estimates[0].grads) else None,
         "rows": None if rows is None else len(rows),
+        # Every subset's sign, so the adversary's posterior can be recomputed from the log.
+        "subset_signs": per_direction([None if i.signs is None else i.signs.tolist() for i in inputs]),
     }
 
 
-def setup_output_dir(path: str) -> None:
+def check_output_dir(path: str) -> None:
+    """Reject a non-empty output folder before anything is loaded or written."""
     if os.path.isdir(path) and os.listdir(path):
-        raise ConfigError(f"output folder {path} is not empty; pass another --output-dir or remove it")
-    os.makedirs(path, exist_ok=True)
+        raise ConfigError(
+            f"output folder {path} is not empty; pass another --output-dir, remove it, or continue it with --resume {path}"
+        )
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -485,15 +502,13 @@ class Prepared:
     micro_batch_size: int
 
 
-def prepare(cfg: TrainConfig, before_model_load: Callable[[], None] | None = None) -> Prepared:
+def prepare(cfg: TrainConfig) -> Prepared:
     """Load data and model, make the trainable set and tokenise the three sets, checking input first."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     template = data_lib.get_template(cfg.task, cfg.template)
     task_data = data_lib.load_task(cfg.task, cfg.data_dir)
     split = data_lib.mezo_split(task_data, cfg.pool_size, cfg.dev_size, cfg.test_size, cfg.data_seed)
-    if before_model_load is not None:
-        before_model_load()
 
     log.info("loading %s (%s on %s)", cfg.model, str(dtype).removeprefix("torch."), device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device)
@@ -571,15 +586,137 @@ def evaluate_model(cfg: TrainConfig, run_dir: str | None = None) -> dict:
             "metrics": metrics, "metric": metrics["metric"], "seconds": time.perf_counter() - started}
 
 
-def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run PACZero (or MeZO) end to end and write the run folder; return result.json's content."""
+@dataclass
+class LoopState:
+    """The loop's counters and records, saved in every checkpoint."""
+
+    next_step: int = 0
+    unanimous_steps: int = 0
+    zero_differences: int = 0
+    examples_evaluated: int = 0
+    step_seconds: list = field(default_factory=list)
+    dev_history: list = field(default_factory=list)
+    best_dev: float = -math.inf
+    best_step: int | None = None
+    zero_shot: dict = field(default_factory=dict)
+    stop_reason: str = "completed"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a numerical problem; the message names the step and what to do."""
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out_dir: str, run: Run, loop: LoopState, best_params: dict | None,
+                    rngs: dict[str, np.random.Generator]) -> None:
+    """Write everything a resumed run needs, atomically (a temporary file, then a rename)."""
+    payload = {
+        "loop": dataclasses.asdict(loop), "params": snapshot(run.named_params), "best_params": best_params,
+        "rng_states": {name: rng.bit_generator.state for name, rng in rngs.items()},
+        "rule": run.rule.state_dict(),
+    }
+    path = os.path.join(out_dir, CHECKPOINT)
+    torch.save(payload, path + ".tmp")
+    with open(path + ".tmp", "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(out_dir: str, run: Run, rngs: dict[str, np.random.Generator]) -> tuple[LoopState, dict | None]:
+    """Restore weights, generators, the release rule's state and the loop from a checkpoint."""
+    # The checkpoint holds numpy generator states, so it is a full pickle: load only run
+    # folders you wrote yourself.
+    payload = torch.load(os.path.join(out_dir, CHECKPOINT), weights_only=False)
+    load_snapshot(run.named_params, payload["params"])
+    for name, rng in rngs.items():
+        rng.bit_generator.state = payload["rng_states"][name]
+    run.rule.load_state_dict(payload["rule"])
+    return LoopState(**payload["loop"]), payload["best_params"]
+
+
+class ReleaseLog:
+    """steps.jsonl, written one line per step and flushed to disk before the weights move.
+
+    The line carries the step's release and the MI spent so far, so the MI ledger on disk
+    is never behind the weights. A resumed run first cuts the file back to the checkpoint's
+    step; replaying the later steps then writes the same lines again, so nothing is counted
+    twice.
+    """
+
+    def __init__(self, path: str, keep_lines: int):
+        lines = []
+        if keep_lines and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                lines = handle.readlines()[:keep_lines]
+        if len(lines) != keep_lines:
+            raise TrainingError(f"{path} has {len(lines)} complete lines but the checkpoint is at step {keep_lines}")
+        self.handle = open(path, "w", encoding="utf-8")
+        self.handle.writelines(lines)
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record, default=_json_number) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def check_finite(run: Run, step: int, estimates: list) -> None:
+    """Stop on a NaN or infinite loss before anything is released or charged."""
+    for k, estimate in enumerate(estimates):
+        if not bool(torch.isfinite(estimate.grads).all()):
+            bad = int((~torch.isfinite(estimate.grads)).sum())
+            raise TrainingError(
+                f"non-finite projected gradient at step {step} (direction {k}, {bad} of {estimate.grads.numel()} "
+                "examples); nothing was released for this step. Lower --lr or --zo-eps, or use --dtype fp32"
+            )
+
+
+def write_config(cfg: TrainConfig, prepared: Prepared, trainable: int) -> None:
+    write_json(os.path.join(cfg.output_dir, "config.json"), {
+        "options": dataclasses.asdict(cfg), "versions": library_versions(),
+        "hardware": hardware_description(prepared.device), "data_source": prepared.task_data.source,
+        "split_sizes": {"pool": len(prepared.split.pool), "dev": len(prepared.split.dev),
+                        "test": len(prepared.split.test)},
+        "trainable_params": trainable, "label_words_single_token": getattr(prepared.scorer, "single_token", None),
+        "micro_batch_size_used": prepared.micro_batch_size,
+    })
+
+
+def save_final_weights(model, cfg: TrainConfig, named_params, out_dir: str) -> str:
+    """Save the weights after the last step (what the audit attacks), beside the dev-best ones."""
+    if cfg.tuning == "lora":
+        path = os.path.join(out_dir, "final_adapter")
+        model.save_pretrained(path)
+        return path
+    from safetensors.torch import save_file
+
+    path = os.path.join(out_dir, "final_weights.safetensors")
+    save_file({name: t.contiguous() for name, t in snapshot(named_params).items()}, path)
+    return path
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
+    """Run PACZero (or a baseline) end to end and write the run folder; return result.json's content.
+
+    With `resume`, `cfg.output_dir` must hold an unfinished run with the same options: the
+    run continues from its last checkpoint and ends exactly as an uninterrupted run would.
+    """
     cfg = resolve_defaults(cfg)
-    prepared = prepare(cfg, before_model_load=lambda: setup_output_dir(cfg.output_dir))
-    model, scorer, split, device = prepared.model, prepared.scorer, prepared.split, prepared.device
+    if resume:
+        if os.path.isfile(os.path.join(cfg.output_dir, "result.json")):
+            raise ConfigError(f"run {cfg.output_dir} already finished (result.json exists); nothing to resume")
+    else:
+        check_output_dir(cfg.output_dir)
+    prepared = prepare(cfg)
+    model, scorer, split = prepared.model, prepared.scorer, prepared.split
     pool, dev, test = prepared.pool, prepared.dev, prepared.test
-    task_data = prepared.task_data
     named_params = zo.trainable_parameters(model)
     trainable = sum(p.numel() for _, p in named_params)
+    zo.warn_if_rounded_away([p for _, p in named_params], cfg.zo_eps)
 
     def pool_losses(rows: np.ndarray | None) -> torch.Tensor:
         if rows is None:
@@ -591,15 +728,19 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     def metric(encoded) -> float:
         return scorer.evaluate(model, encoded)["metric"]
 
+    # Public randomness: the subsets, then per step the perturbation seeds and coins.
+    # MeZO's minibatches come from their own generator so that the public stream is the
+    # same in every mode. Secret randomness: the secret subset index first, then the MI
+    # noise or the DP sampling and noise.
     public_rng = np.random.default_rng(cfg.seed)
     secret_rng = np.random.default_rng(cfg.secret_seed)
-    membership = mechanisms.membership_matrix(len(split.pool), cfg.num_subsets, public_rng)
-    # MeZO's minibatches come from their own generator so that the public stream of seeds
-    # and coins stays the same in every mode.
     batch_rng = np.random.default_rng([cfg.seed, 1])
+    rngs = {"public": public_rng, "secret": secret_rng, "batch": batch_rng}
+    membership = mechanisms.membership_matrix(len(split.pool), cfg.num_subsets, public_rng)
+    secret_index = mechanisms.draw_secret_index(secret_rng, cfg.num_subsets)
     try:
         rule = mechanisms.make_release_rule(
-            cfg.mode, cfg.num_subsets, cfg.steps, cfg.mi_budget, secret_rng, clip=cfg.clip,
+            cfg.mode, cfg.num_subsets, cfg.steps, cfg.mi_budget, secret_rng, secret_index=secret_index, clip=cfg.clip,
             directions=cfg.directions, pool_size=len(split.pool), batch_size=cfg.batch_size, batch_rng=batch_rng,
             dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta, sampling_rate=cfg.sampling_rate)
     except ValueError as error:
@@ -607,91 +748,91 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> di
     run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, pool_size=len(split.pool),
               membership=membership, rule=rule, public_rng=public_rng)
 
-    write_json(os.path.join(cfg.output_dir, "config.json"), {
-        "options": dataclasses.asdict(cfg), "versions": library_versions(),
-        "hardware": hardware_description(device), "data_source": task_data.source,
-        "split_sizes": {"pool": len(split.pool), "dev": len(split.dev), "test": len(split.test)},
-        "trainable_params": trainable, "label_words_single_token": getattr(scorer, "single_token", None),
-        "micro_batch_size_used": prepared.micro_batch_size,
-    })
+    best_params = None
+    checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
+    if resume and os.path.isfile(checkpoint_path):
+        loop, best_params = load_checkpoint(cfg.output_dir, run, rngs)
+        log.info("resuming %s at step %d of %d", cfg.output_dir, loop.next_step, cfg.steps)
+    else:
+        if resume:
+            log.info("no checkpoint in %s: starting it again from step 0", cfg.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_config(cfg, prepared, trainable)
+        loop = LoopState()
+        for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
+            if getattr(encoded, "truncated", 0):
+                log.info("%s: %d of %d contexts cut from the left to fit the model", name, encoded.truncated, len(encoded))
+        if cfg.zero_shot:
+            log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
+            loop.zero_shot = {"dev": metric(dev), "test": scorer.evaluate(model, test)}
+            log.info("zero-shot: dev %.4f, test %.4f", loop.zero_shot["dev"], loop.zero_shot["test"]["metric"])
 
-    for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
-        if getattr(encoded, "truncated", 0):
-            log.info("%s: %d of %d contexts cut from the left to fit the model", name, encoded.truncated, len(encoded))
-    zero_shot_dev = zero_shot_test = zero_shot_test_metrics = None
-    if cfg.zero_shot:
-        log.info("zero-shot evaluation on %d dev and %d test examples", len(dev), len(test))
-        zero_shot_dev = metric(dev)
-        zero_shot_test_metrics = scorer.evaluate(model, test)
-        zero_shot_test = zero_shot_test_metrics["metric"]
-        log.info("zero-shot: dev %.4f, test %.4f", zero_shot_dev, zero_shot_test)
-
-    best = {"dev": -math.inf, "step": None, "params": None}
-    dev_history = []
-    step_seconds = []
-    steps_run = 0
-    unanimous_steps = 0
-    zero_differences = 0
-    examples_evaluated = 0
-    stop_reason = "completed"
-    steps_path = os.path.join(cfg.output_dir, "steps.jsonl")
-    with open(steps_path, "w", encoding="utf-8") as steps_file:
-        for step in range(cfg.steps):
+    release_log = ReleaseLog(os.path.join(cfg.output_dir, "steps.jsonl"), keep_lines=loop.next_step)
+    run.log_release = release_log.write
+    evals_path = os.path.join(cfg.output_dir, "evals.jsonl")
+    with open(evals_path, "w", encoding="utf-8") as handle:  # back to the checkpoint's evaluations
+        handle.writelines(json.dumps(entry) + "\n" for entry in loop.dev_history)
+    try:
+        for step in range(loop.next_step, cfg.steps):
             if rule.exhausted():
-                stop_reason = "mi_budget_spent"
-                log.info("MI budget spent after %d steps; stopping early", steps_run)
+                loop.stop_reason = "mi_budget_spent"
+                log.info("MI budget spent after %d steps; stopping early", step)
                 break
             started = time.perf_counter()
             record = paczero_step(run, step)
-            step_seconds.append(time.perf_counter() - started)
-            steps_run += 1
+            loop.step_seconds.append(time.perf_counter() - started)
+            loop.next_step = step + 1
             if record["unanimous"] is not None:
-                unanimous_steps += int(np.sum(record["unanimous"]))
-            zero_differences += record["zero_differences"]
-            examples_evaluated += cfg.directions * (len(pool) if record["rows"] is None else record["rows"])
-            if record["loss"] is not None and not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"non-finite pool loss at step {step}; lower --lr or --zo-eps")
+                loop.unanimous_steps += int(np.sum(record["unanimous"]))
+            loop.zero_differences += record["zero_differences"]
+            loop.examples_evaluated += cfg.directions * (len(pool) if record["rows"] is None else record["rows"])
 
-            last = step == cfg.steps - 1
-            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                dev_metric = metric(dev)
-                record["dev_metric"] = dev_metric
-                dev_history.append({"step": step + 1, "dev_metric": dev_metric})
-                if dev_metric > best["dev"]:
-                    best = {"dev": dev_metric, "step": step + 1, "params": snapshot(named_params)}
-            steps_file.write(json.dumps(record, default=_json_number) + "\n")
-            steps_file.flush()
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.steps - 1:
+                record["dev_metric"] = metric(dev)
+                loop.dev_history.append({"step": step + 1, "dev_metric": record["dev_metric"]})
+                with open(evals_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(loop.dev_history[-1]) + "\n")
+                if record["dev_metric"] > loop.best_dev:
+                    loop.best_dev, loop.best_step = record["dev_metric"], step + 1
+                    best_params = snapshot(named_params)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_checkpoint(cfg.output_dir, run, loop, best_params, rngs)
             if on_step is not None:
-                on_step({**record, "unanimous_steps": unanimous_steps, "steps_run": steps_run,
-                         "releases": steps_run * cfg.directions})
+                on_step({**record, "unanimous_steps": loop.unanimous_steps, "steps_run": loop.next_step,
+                         "releases": loop.next_step * cfg.directions})
+    finally:
+        release_log.close()
+    steps_run = loop.next_step
 
-    if not dev_history or dev_history[-1]["step"] != steps_run:
+    if not loop.dev_history or loop.dev_history[-1]["step"] != steps_run:
         # An early stop (MI budget spent) skipped the last scheduled evaluation.
         dev_metric = metric(dev)
-        dev_history.append({"step": steps_run, "dev_metric": dev_metric})
-        if dev_metric > best["dev"]:
-            best = {"dev": dev_metric, "step": steps_run, "params": snapshot(named_params)}
+        loop.dev_history.append({"step": steps_run, "dev_metric": dev_metric})
+        if dev_metric > loop.best_dev:
+            loop.best_dev, loop.best_step, best_params = dev_metric, steps_run, snapshot(named_params)
 
     final_sha = params_sha256(named_params)
-    load_snapshot(named_params, best["params"])
+    save_final_weights(model, cfg, named_params, cfg.output_dir)
+    load_snapshot(named_params, best_params)
     test_metrics = scorer.evaluate(model, test)
-    test_metric = test_metrics["metric"]
-    weights_path = save_best_weights(model, cfg, best["params"], cfg.output_dir)
+    weights_path = save_best_weights(model, cfg, best_params, cfg.output_dir)
 
-    report = rule.privacy()
+    zero_shot_test = loop.zero_shot.get("test")
     result = {
         "task": cfg.task, "metric_name": METRIC_NAMES[cfg.task], "mode": cfg.mode, "model": cfg.model,
-        "tuning": cfg.tuning, "test_metric": test_metric, "zero_shot_test_metric": zero_shot_test,
-        "test_metrics": test_metrics, "zero_shot_test_metrics": zero_shot_test_metrics,
-        "zero_shot_dev_metric": zero_shot_dev,
-        "best_dev_metric": best["dev"], "best_step": best["step"], "steps_run": steps_run,
-        "stop_reason": stop_reason, **report, "mi_budget_nats": cfg.mi_budget,
+        "tuning": cfg.tuning, "test_metric": test_metrics["metric"],
+        "zero_shot_test_metric": None if zero_shot_test is None else zero_shot_test["metric"],
+        "test_metrics": test_metrics, "zero_shot_test_metrics": zero_shot_test,
+        "zero_shot_dev_metric": loop.zero_shot.get("dev"),
+        "best_dev_metric": loop.best_dev, "best_step": loop.best_step, "steps_run": steps_run,
+        "stop_reason": loop.stop_reason, **rule.privacy(), "mi_budget_nats": cfg.mi_budget,
         # With K directions these count releases (K per step), not steps.
-        "unanimous_steps": unanimous_steps, "unanimity_rate": unanimous_steps / max(steps_run * cfg.directions, 1),
-        "zero_difference_rate": zero_differences / max(examples_evaluated, 1),
+        "unanimous_steps": loop.unanimous_steps,
+        "unanimity_rate": loop.unanimous_steps / max(steps_run * cfg.directions, 1),
+        "zero_difference_rate": loop.zero_differences / max(loop.examples_evaluated, 1),
         "trainable_params": trainable, "final_params_sha256": final_sha,
-        "seconds_per_step": float(np.mean(step_seconds)) if step_seconds else None,
-        "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": dev_history,
+        "seconds_per_step": float(np.mean(loop.step_seconds)) if loop.step_seconds else None,
+        "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": loop.dev_history,
         "best_weights": os.path.relpath(weights_path, cfg.output_dir),
     }
     if cfg.mode == "mi":

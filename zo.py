@@ -19,10 +19,13 @@ randomness and the releases only).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+log = logging.getLogger("paczero")
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -99,3 +102,36 @@ def restore_and_update_(params: list[torch.Tensor], seed: int, eps: float, step:
     `step` is lr_t times the release (a sign for PACZero, the raw gradient for MeZO).
     """
     perturb_(params, seed, eps - step)
+
+
+def rounded_away_fraction(params: list[torch.Tensor], eps: float, sample: int = 1_000_000) -> float:
+    """Estimate the fraction of weights whose perturbation by eps (|z| = 1) rounds away in their dtype.
+
+    A float w of dtype d is represented to within half a spacing, and the spacing near w is
+    about finfo(d).eps * |w|. Adding eps * z changes the stored value only if |eps * z|
+    exceeds half that spacing. The estimate uses up to `sample` evenly spaced entries.
+    """
+    low_precision = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    if not low_precision:
+        return 0.0
+    total = sum(p.numel() for p in params)
+    rounded = 0.0
+    for p in low_precision:
+        flat = p.detach().reshape(-1)
+        stride = max(1, flat.numel() * len(params) // sample)
+        values = flat[::stride].float().abs()
+        half_spacing = values * torch.finfo(p.dtype).eps / 2
+        rounded += float((half_spacing > eps).float().mean()) * p.numel()
+    return rounded / total
+
+
+def warn_if_rounded_away(params: list[torch.Tensor], eps: float, threshold: float = 0.01) -> float:
+    """Log a warning when more than `threshold` of the weights would not move under eps * z."""
+    fraction = rounded_away_fraction(params, eps)
+    if fraction > threshold:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        log.warning(
+            "--zo-eps %g is below the resolution of %.1f %% of the %s weights: their perturbation rounds "
+            "away and their projected gradients read as 0. Raise --zo-eps or use --dtype fp32.",
+            eps, 100 * fraction, "/".join(dtypes))
+    return fraction

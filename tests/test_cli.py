@@ -49,7 +49,9 @@ def test_train_writes_steps(run_dir):
     assert [r["step"] for r in records] == list(range(6))
     for record in records:
         assert STEP_KEYS <= set(record), STEP_KEYS - set(record)
-    assert [r["step"] for r in records if "dev_metric" in r] == [2, 5]
+    with open(os.path.join(run_dir, "evals.jsonl"), encoding="utf-8") as handle:
+        evals = [json.loads(line) for line in handle]
+    assert [e["step"] for e in evals] == [3, 6]
 
 
 def test_train_writes_result(run_dir):
