@@ -20,6 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+import audit as audit_lib
 import bench as bench_lib
 import data as data_lib
 import mechanisms
@@ -320,6 +321,35 @@ def reproduce(
     with open(markdown_path, "w", encoding="utf-8") as handle:
         handle.write(reproduce_lib.markdown_table(title, header, lines, notes))
     console.print(f"Markdown table: {markdown_path} (wall time {time.perf_counter() - started:.0f} s)")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples for the AUC interval")] = 1000,
+) -> None:
+    """Run a loss-threshold membership-inference attack on a finished run and compare it with its bound."""
+    configure_logging(False)
+    if resamples < 10:
+        fail(paczero.ConfigError(f"--resamples must be at least 10, got {resamples}"))
+    try:
+        figures = audit_lib.audit_run(run_dir, resamples=resamples)
+    except USER_ERRORS as error:
+        fail(error)
+    table = Table(title=f"Membership-inference audit of {run_dir} ({figures['mode']}): "
+                        f"{figures['members']} members of S* among {figures['pool_size']} pool examples")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    low, high = figures["auc_ci95"]
+    table.add_row("ROC AUC of -loss (0.5 = chance)", f"{figures['auc']:.3f} [{low:.3f}, {high:.3f}] 95 % CI")
+    table.add_row("attack success, threshold fitted on the other half", f"{figures['attack_success_cross_fitted']:.3f}")
+    table.add_row("attack success, threshold fitted in sample (optimistic)", f"{figures['attack_success_in_sample']:.3f}")
+    table.add_row("mean loss, members / non-members",
+                  f"{figures['mean_loss_members']:.4f} / {figures['mean_loss_non_members']:.4f}")
+    table.add_row("run's MIA success bound", format_number(figures["mia_bound"]))
+    table.add_row("run's MI spent (nats)", format_number(figures["mi_spent_nats"]))
+    console.print(table)
+    console.print(f"figures written to {os.path.join(run_dir, 'audit.json')}")
 
 
 def format_bytes(value: int) -> str:

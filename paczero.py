@@ -555,19 +555,21 @@ def auto_micro_batch_size(model, scorer, examples: list, device: torch.device, l
     return chosen
 
 
-def load_run_weights(model, cfg: TrainConfig, run_dir: str) -> None:
-    """Load a finished run's dev-best trainable weights into a model prepared with the run's options."""
+def load_run_weights(model, cfg: TrainConfig, run_dir: str, which: str = "best") -> None:
+    """Load a finished run's dev-best (`which="best"`) or last-step (`"final"`) trainable weights."""
     from safetensors.torch import load_file
 
+    if which not in ("best", "final"):
+        raise ValueError(f"which must be 'best' or 'final', got {which!r}")
     if cfg.tuning == "lora":
         from peft import set_peft_model_state_dict
 
-        path = os.path.join(run_dir, "best_adapter", "adapter_model.safetensors")
+        path = os.path.join(run_dir, f"{which}_adapter", "adapter_model.safetensors")
         if not os.path.isfile(path):
             raise ConfigError(f"adapter weights not found: {path}; was the run finished?")
         set_peft_model_state_dict(model, load_file(path))
         return
-    path = os.path.join(run_dir, "best_weights.safetensors")
+    path = os.path.join(run_dir, f"{which}_weights.safetensors")
     if not os.path.isfile(path):
         raise ConfigError(f"weights not found: {path}; was the run finished?")
     load_snapshot(zo.trainable_parameters(model), load_file(path))
