@@ -119,6 +119,12 @@ def train(
     ctx: typer.Context,
     model: Annotated[str, option("model")] = DEFAULTS.model,
     task: Annotated[str, option("task")] = DEFAULTS.task,
+    data: Annotated[Optional[str], option("data")] = DEFAULTS.data,
+    label_words: Annotated[Optional[str], option("label_words")] = DEFAULTS.label_words,
+    text_column: Annotated[str, option("text_column")] = DEFAULTS.text_column,
+    label_column: Annotated[str, option("label_column")] = DEFAULTS.label_column,
+    prompt_column: Annotated[str, option("prompt_column")] = DEFAULTS.prompt_column,
+    answers_column: Annotated[str, option("answers_column")] = DEFAULTS.answers_column,
     mode: Annotated[str, option("mode")] = DEFAULTS.mode,
     mi_budget: Annotated[Optional[float], option("mi_budget")] = DEFAULTS.mi_budget,
     directions: Annotated[int, option("directions")] = DEFAULTS.directions,
@@ -174,6 +180,10 @@ def train(
     bar = progress.add_task(f"{cfg.mode} steps", total=cfg.steps, mi="-", unanimity="-", loss="-")
 
     def on_step(record: dict) -> None:
+        # The bar starts with the first step, so that errors found while loading the data
+        # and the model print alone.
+        if not progress.live.is_started:
+            progress.start()
         mi = "n/a" if record["mi_spent"] is None else f"{record['mi_spent']:.4f} nats"
         rate = 100 * record["unanimous_steps"] / record["releases"]
         loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
@@ -183,8 +193,11 @@ def train(
 
     started = time.perf_counter()
     try:
-        with progress:
+        try:
             result = paczero.train(cfg, on_step=on_step, resume=resume is not None)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
     except USER_ERRORS as error:
         fail(error)
     except paczero.TrainingError as error:
@@ -201,6 +214,12 @@ def evaluate_command(
     template: Annotated[Optional[str], option("template")] = DEFAULTS.template,
     max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     data_dir: Annotated[Optional[str], option("data_dir")] = DEFAULTS.data_dir,
+    data: Annotated[Optional[str], option("data")] = DEFAULTS.data,
+    label_words: Annotated[Optional[str], option("label_words")] = DEFAULTS.label_words,
+    text_column: Annotated[str, option("text_column")] = DEFAULTS.text_column,
+    label_column: Annotated[str, option("label_column")] = DEFAULTS.label_column,
+    prompt_column: Annotated[str, option("prompt_column")] = DEFAULTS.prompt_column,
+    answers_column: Annotated[str, option("answers_column")] = DEFAULTS.answers_column,
     test_size: Annotated[int, option("test_size")] = DEFAULTS.test_size,
     data_seed: Annotated[int, typer.Option(help="seed of the test-set draw (when the validation split is larger than --test-size)")] = 0,
     dtype: Annotated[str, option("dtype")] = DEFAULTS.dtype,
@@ -220,7 +239,9 @@ def evaluate_command(
             if data_dir is not None:
                 cfg.data_dir = data_dir
         else:
-            cfg = paczero.TrainConfig(model=model, task=task, template=template, data_dir=data_dir,
+            cfg = paczero.TrainConfig(model=model, task=task, template=template, data_dir=data_dir, data=data,
+                                      label_words=label_words, text_column=text_column, label_column=label_column,
+                                      prompt_column=prompt_column, answers_column=answers_column,
                                       max_new_tokens=max_new_tokens,
                                       test_size=test_size, data_seed=data_seed, dtype=dtype, device=device,
                                       micro_batch_size=micro_batch_size)

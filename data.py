@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("sst2", "squad")
+TASKS = ("sst2", "squad", "classification", "generation")
 
 
 class DataError(ValueError):
@@ -122,7 +122,42 @@ SQUAD_TEMPLATES = {
 }
 
 
-def get_template(task: str, name: str):
+def custom_classification_template(text: str, label_words: str | None) -> ClassificationTemplate:
+    """A user template with a `{text}` slot and comma-separated label words (class 0 first).
+
+    Each label word is stripped and given one leading space, because it follows the
+    prompt as a new word.
+    """
+    if "{text}" not in text:
+        raise DataError(f"--template {text!r} has no {{text}} placeholder; write for example 'Review: {{text}}\\nSentiment:'")
+    if not label_words:
+        raise DataError("--task classification needs --label-words, for example 'negative,positive' (class 0 first)")
+    words = tuple(" " + w.strip() for w in label_words.split(",") if w.strip())
+    if len(words) < 2:
+        raise DataError(f"--label-words needs at least two comma-separated words, got {label_words!r}")
+    escaped = text.replace("{text}", "\0").replace("{", "{{").replace("}", "}}").replace("\0", "{text}")
+    return ClassificationTemplate(name="custom", format=escaped, label_words=words, description="from the command line")
+
+
+def custom_generation_template(text: str | None) -> QATemplate:
+    """A prompt template for --task generation: `{prompt}` marks where each example's prompt goes.
+
+    Without a template the prompt is used as it is. Long prompts are cut from their left.
+    """
+    text = text or "{prompt}"
+    if text.count("{prompt}") != 1:
+        raise DataError(f"--template {text!r} must contain {{prompt}} exactly once")
+    before, after = text.split("{prompt}")
+    escape = lambda part: part.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return QATemplate(name="custom", before_context=escape(before), after_context=escape(after),
+                      description="from the command line")
+
+
+def get_template(task: str, name: str | None, label_words: str | None = None):
+    if task == "classification":
+        return custom_classification_template(name or "", label_words)
+    if task == "generation":
+        return custom_generation_template(name)
     templates = {"sst2": SST2_TEMPLATES, "squad": SQUAD_TEMPLATES}.get(task, {})
     if name not in templates:
         raise DataError(
@@ -254,7 +289,92 @@ def load_squad(data_dir: str | None = None) -> TaskData:
     return TaskData(train=convert(hub["train"]), validation=convert(hub["validation"]), source="hub:rajpurkar/squad")
 
 
-def load_task(task: str, data_dir: str | None = None) -> TaskData:
+# ---------------------------------------------------------------------------------------
+# Bring your own data: CSV or JSONL files
+# ---------------------------------------------------------------------------------------
+
+
+def _read_records(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    records = []
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{line_number}: not a JSON object per line ({error.msg})") from error
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    elif path.endswith((".csv", ".tsv")):
+        with open(path, encoding="utf-8", newline="") as handle:
+            records = list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        raise DataError(f"unknown data file type: {path}; use .csv, .tsv or .jsonl")
+    if not records:
+        raise DataError(f"data file has no rows: {path}")
+    return records
+
+
+def load_classification_file(path: str, text_column: str, label_column: str, num_labels: int) -> list[LabeledText]:
+    """Rows of (text, integer label in 0..num_labels-1) from a CSV/TSV/JSONL file."""
+    examples = []
+    for row, record in enumerate(_read_records(path), start=1):
+        for column in (text_column, label_column):
+            if column not in record:
+                raise DataError(f"{path}: row {row} has no column {column!r} (columns: {', '.join(map(str, record))}); "
+                                "set --text-column and --label-column")
+        raw = str(record[label_column]).strip()
+        if not raw.lstrip("-").isdigit() or not 0 <= int(raw) < num_labels:
+            raise DataError(f"{path}: row {row}: label {raw!r} is not an integer in 0..{num_labels - 1} "
+                            f"(one per label word)")
+        examples.append(LabeledText(text=str(record[text_column]).strip(), label=int(raw)))
+    return examples
+
+
+def load_generation_file(path: str, prompt_column: str, answers_column: str) -> list[QAExample]:
+    """Rows of (prompt, gold answers) from a JSONL/CSV file; answers are a list or one string."""
+    examples = []
+    for row, record in enumerate(_read_records(path), start=1):
+        for column in (prompt_column, answers_column):
+            if column not in record:
+                raise DataError(f"{path}: row {row} has no column {column!r} (columns: {', '.join(map(str, record))}); "
+                                "set --prompt-column and --answers-column")
+        answers = record[answers_column]
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(f"{path}: row {row}: {answers_column!r} must be a non-empty string or list of strings")
+        examples.append(QAExample(title="", context=str(record[prompt_column]), question="", answers=tuple(answers)))
+    return examples
+
+
+def hold_out(examples: list, test_size: int, seed: int, source: str) -> TaskData:
+    """Split one file into train and a held-out validation part (at most a fifth of it, at most test_size)."""
+    if len(examples) < 3:
+        raise DataError(f"{source} has {len(examples)} rows; at least 3 are needed for pool, dev and test")
+    held = max(1, min(test_size, len(examples) // 5))
+    order = np.random.default_rng([seed, 2]).permutation(len(examples))
+    return TaskData(train=[examples[i] for i in order[held:]], validation=[examples[i] for i in order[:held]],
+                    source=os.path.abspath(source))
+
+
+def load_task(task: str, data_dir: str | None = None, data_file: str | None = None, *, text_column: str = "text",
+              label_column: str = "label", num_labels: int = 2, prompt_column: str = "prompt",
+              answers_column: str = "answers", test_size: int = 1000, seed: int = 0) -> TaskData:
+    if task in ("classification", "generation"):
+        if data_file is None:
+            raise DataError(f"--task {task} needs --data FILE (CSV, TSV or JSONL)")
+        if task == "classification":
+            examples = load_classification_file(data_file, text_column, label_column, num_labels)
+        else:
+            examples = load_generation_file(data_file, prompt_column, answers_column)
+        return hold_out(examples, test_size, seed, data_file)
+    if data_file is not None:
+        raise DataError(f"--data applies to --task classification or generation; for {task} use --data-dir")
     if task == "sst2":
         return load_sst2(data_dir)
     if task == "squad":

@@ -37,7 +37,8 @@ log = logging.getLogger("paczero")
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LR_END = 1e-7  # the linear schedule's last value
-METRIC_NAMES = {"sst2": "accuracy", "squad": "f1"}
+METRIC_NAMES = {"sst2": "accuracy", "squad": "f1", "classification": "accuracy", "generation": "f1"}
+GENERATION_TASKS = ("squad", "generation")
 
 
 class ConfigError(ValueError):
@@ -53,7 +54,13 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str = field(default=SMOLLM2_NAME, metadata={"help": "Hugging Face causal LM id or local path, or 'smollm2-135m' (offline package)"})
-    task: str = field(default="sst2", metadata={"help": "task: sst2 (accuracy) or squad (F1, EM)"})
+    task: str = field(default="sst2", metadata={"help": "task: sst2 (accuracy), squad (F1, EM), or your own file: classification (accuracy), generation (F1, EM)"})
+    data: str | None = field(default=None, metadata={"help": "classification / generation: a CSV, TSV or JSONL file; the test set is held out of it"})
+    label_words: str | None = field(default=None, metadata={"help": "classification: comma-separated label words, class 0 first (each gets a leading space)"})
+    text_column: str = field(default="text", metadata={"help": "classification: column with the text"})
+    label_column: str = field(default="label", metadata={"help": "classification: column with the integer label 0..C-1"})
+    prompt_column: str = field(default="prompt", metadata={"help": "generation: column with the prompt"})
+    answers_column: str = field(default="answers", metadata={"help": "generation: column with the gold answer (a string or a list)"})
     mode: str = field(default="zpl", metadata={"help": "release rule: zpl (zero MI), mi (MI budget), mezo (non-private), dpzero / dpaggzo (DP baselines), raw_full / quant_full / raw_half / quant_half / random_sign (ablations, not private)"})
     mi_budget: float | None = field(default=None, metadata={"help": "total MI budget in nats for --mode mi (0.33 nats matches eps = 2)"})
     directions: int = field(default=1, metadata={"help": "SPSA directions K per step, each released separately (2K forward passes per step) [dpaggzo paper recipe: 64]"})
@@ -81,7 +88,7 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"help": "run folder for config, logs, results, weights [default: runs/<task>-<mode>-<tuning>-seed<seed>]"})
     dtype: str = field(default="auto", metadata={"help": "weight dtype: fp32, fp16, bf16, auto (fp16 on CUDA, fp32 on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad [default: mezo, squad]"})
+    template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad; classification: text with {text}; generation: text with {prompt} [default: mezo, squad, -, {prompt}]"})
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass [default: 32 on CPU; on CUDA the largest power of two up to 512 that fits in memory]"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training on dev and test (--no-zero-shot skips it)"})
@@ -96,10 +103,12 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
-    if cfg.template is None:
+    if cfg.template is None and cfg.task in ("sst2", "squad"):
         cfg.template = {"sst2": "mezo", "squad": "squad"}[cfg.task]
+    if cfg.task == "classification" and cfg.template is None:
+        raise ConfigError("--task classification needs --template with a {text} placeholder, for example 'Review: {text}\\nSentiment:'")
     try:
-        data_lib.get_template(cfg.task, cfg.template)
+        data_lib.get_template(cfg.task, cfg.template, cfg.label_words)
     except data_lib.DataError as error:
         raise ConfigError(str(error)) from error
     if cfg.lr is None:
@@ -240,8 +249,25 @@ def random_opt(name: str, tokenizer, dtype: torch.dtype, seed: int = 0):
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device):
-    """Load any Hugging Face causal LM (Hub id or local path), the offline SmolLM2, or a random OPT shape, in eval mode."""
+    """Load any Hugging Face causal LM (Hub id or local path), the offline SmolLM2, or a random OPT shape, in eval mode.
+
+    A folder holding a peft adapter (adapter_config.json) loads its base model and merges
+    the adapter into it, so a LoRA run's output can be evaluated or trained further.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_config = os.path.join(name, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        from peft import PeftModel
+
+        with open(adapter_config, encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter_config} names no base model (base_model_name_or_path)")
+        model, tokenizer = load_model_and_tokenizer(base, dtype, device)
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+        model.eval()
+        return model, tokenizer
 
     if name in RANDOM_OPT_SHAPES:
         tokenizer = gpt2_bpe_tokenizer()
@@ -474,16 +500,26 @@ def load_snapshot(named_params: list[tuple[str, torch.Tensor]], saved: dict[str,
         p.copy_(saved[name].to(p.device))
 
 
-def save_best_weights(model, cfg: TrainConfig, best: dict[str, torch.Tensor], out_dir: str) -> str:
-    """Save the dev-best trainable weights: a peft adapter folder, or a safetensors file for FT."""
+def save_best_weights(model, tokenizer, cfg: TrainConfig, out_dir: str) -> str:
+    """Save the dev-best model (already loaded into `model`) in formats transformers and peft read.
+
+    LoRA: a peft adapter folder whose base_model_name_or_path is the --model value.
+    Full fine-tuning: a save_pretrained folder with the tokenizer, a complete model that
+    AutoModelForCausalLM.from_pretrained loads with no paczero code.
+    """
     if cfg.tuning == "lora":
         path = os.path.join(out_dir, "best_adapter")
         model.save_pretrained(path)
-        return path
-    from safetensors.torch import save_file
-
-    path = os.path.join(out_dir, "best_weights.safetensors")
-    save_file({name: t.contiguous() for name, t in best.items()}, path)
+        config_path = os.path.join(path, "adapter_config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            adapter_config = json.load(handle)
+        adapter_config["base_model_name_or_path"] = cfg.model
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(adapter_config, handle, indent=2)
+    else:
+        path = os.path.join(out_dir, "best_model")
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -506,15 +542,19 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """Load data and model, make the trainable set and tokenise the three sets, checking input first."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    template = data_lib.get_template(cfg.task, cfg.template)
-    task_data = data_lib.load_task(cfg.task, cfg.data_dir)
+    template = data_lib.get_template(cfg.task, cfg.template, cfg.label_words)
+    num_labels = len(template.label_words) if cfg.task == "classification" else 2
+    task_data = data_lib.load_task(cfg.task, cfg.data_dir, cfg.data, text_column=cfg.text_column,
+                                   label_column=cfg.label_column, num_labels=num_labels,
+                                   prompt_column=cfg.prompt_column, answers_column=cfg.answers_column,
+                                   test_size=cfg.test_size, seed=cfg.data_seed)
     split = data_lib.mezo_split(task_data, cfg.pool_size, cfg.dev_size, cfg.test_size, cfg.data_seed)
 
     log.info("loading %s (%s on %s)", cfg.model, str(dtype).removeprefix("torch."), device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device)
     model = apply_tuning(model, cfg)
     max_length = getattr(model.config, "max_position_embeddings", None)
-    if cfg.task == "squad":
+    if cfg.task in GENERATION_TASKS:
         scorer = GenerationScorer(tokenizer, template, max_length, cfg.max_new_tokens)
     else:
         scorer = LabelWordScorer(tokenizer, template, max_length)
@@ -569,10 +609,20 @@ def load_run_weights(model, cfg: TrainConfig, run_dir: str, which: str = "best")
             raise ConfigError(f"adapter weights not found: {path}; was the run finished?")
         set_peft_model_state_dict(model, load_file(path))
         return
-    path = os.path.join(run_dir, f"{which}_weights.safetensors")
-    if not os.path.isfile(path):
-        raise ConfigError(f"weights not found: {path}; was the run finished?")
-    load_snapshot(zo.trainable_parameters(model), load_file(path))
+    if which == "final":
+        path = os.path.join(run_dir, "final_weights.safetensors")
+        if not os.path.isfile(path):
+            raise ConfigError(f"weights not found: {path}; was the run finished?")
+        load_snapshot(zo.trainable_parameters(model), load_file(path))
+        return
+    folder = os.path.join(run_dir, "best_model")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if not files:
+        raise ConfigError(f"no safetensors weights in {folder}; was the run finished?")
+    saved = {}
+    for name in files:
+        saved.update(load_file(os.path.join(folder, name)))
+    load_snapshot(zo.trainable_parameters(model), saved)
 
 
 def evaluate_model(cfg: TrainConfig, run_dir: str | None = None) -> dict:
@@ -817,7 +867,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     save_final_weights(model, cfg, named_params, cfg.output_dir)
     load_snapshot(named_params, best_params)
     test_metrics = scorer.evaluate(model, test)
-    weights_path = save_best_weights(model, cfg, best_params, cfg.output_dir)
+    weights_path = save_best_weights(model, scorer.tokenizer, cfg, cfg.output_dir)
 
     zero_shot_test = loop.zero_shot.get("test")
     result = {
