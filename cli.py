@@ -22,6 +22,7 @@ from rich.table import Table
 
 import audit as audit_lib
 import bench as bench_lib
+import plots as plots_lib
 import data as data_lib
 import mechanisms
 import paczero
@@ -371,6 +372,23 @@ def audit(
     table.add_row("run's MI spent (nats)", format_number(figures["mi_spent_nats"]))
     console.print(table)
     console.print(f"figures written to {os.path.join(run_dir, 'audit.json')}")
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[str], typer.Argument(metavar="RUN_DIR...", help="one or more run folders")],
+    output_dir: Annotated[str, typer.Option(help="folder for the PNG files")] = "plots",
+    window: Annotated[int, typer.Option(help="steps in the unanimity moving average")] = 20,
+) -> None:
+    """Draw dev metric, MI spent and unanimity over steps, and test metric against privacy (PNG)."""
+    if window < 1:
+        fail(paczero.ConfigError(f"--window must be at least 1, got {window}"))
+    try:
+        paths = plots_lib.plot_runs(run_dirs, output_dir, window)
+    except FileNotFoundError as error:
+        fail(error)
+    for path in paths:
+        console.print(path)
 
 
 def format_bytes(value: int) -> str:
