@@ -153,6 +153,7 @@ def train(
     output_dir: Annotated[Optional[str], option("output_dir")] = DEFAULTS.output_dir,
     dtype: Annotated[str, option("dtype")] = DEFAULTS.dtype,
     device: Annotated[str, option("device")] = DEFAULTS.device,
+    device_map: Annotated[Optional[str], option("device_map")] = DEFAULTS.device_map,
     template: Annotated[Optional[str], option("template")] = DEFAULTS.template,
     max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     micro_batch_size: Annotated[Optional[int], option("micro_batch_size")] = DEFAULTS.micro_batch_size,
@@ -161,7 +162,13 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="continue the unfinished run in this folder from its last checkpoint, with its saved options")] = None,
     verbose: Annotated[bool, typer.Option(help="log debug messages")] = False,
 ) -> None:
-    """Fine-tune a causal LM with PACZero (zpl, mi) or non-private MeZO and write a run folder."""
+    """Fine-tune a causal LM with PACZero (zpl, mi) or a baseline and write a run folder.
+
+    Under `torchrun --nproc-per-node K` the pool's forward passes are split over K
+    processes; the run is the same as with one process and only rank 0 prints and writes.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        console.quiet = error_console.quiet = True
     configure_logging(verbose)
     options = {k: v for k, v in locals().items() if k in HELP}
     try:

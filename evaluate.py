@@ -92,6 +92,7 @@ class LabelWordScorer:
     # Switches that the benchmark's re-creation of slower scoring turns off.
     sort_by_length = True     # micro-batches of similar lengths pad less
     keep_all_logits = False   # True: run the LM head on every position
+    sharding = None           # a distributed.Sharding: run only this rank's micro-batches, then sum
 
     def __init__(self, tokenizer, template: ClassificationTemplate, max_length: int | None = None):
         self.tokenizer = tokenizer
@@ -197,10 +198,12 @@ class LabelWordScorer:
         The scores stay on the model's device until the end, so a pass over the pool costs
         one device-to-host copy, not one per micro-batch.
         """
-        out = torch.empty((len(encoded), encoded.num_classes), dtype=torch.float32, device=encoded.device)
+        out = torch.zeros((len(encoded), encoded.num_classes), dtype=torch.float32, device=encoded.device)
         if self.single_token:
             label_tokens = torch.tensor([ids[0] for ids in self.word_ids], device=encoded.device)
-        for batch in encoded.batches:
+        for index, batch in enumerate(encoded.batches):
+            if self.sharding is not None and not self.sharding.owns(index):
+                continue
             rows = batch.rows.to(encoded.device)
             if self.single_token:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -210,6 +213,8 @@ class LabelWordScorer:
             else:
                 candidates = batch.candidates.to(encoded.device)
                 out[rows, candidates] = self._score_candidates(model, batch, encoded.max_word_tokens)
+        if self.sharding is not None:
+            out = self.sharding.combine(out)
         return out.cpu()
 
     def _score_candidates(self, model, batch: MicroBatch, max_word: int) -> torch.Tensor:
@@ -232,6 +237,12 @@ class LabelWordScorer:
     def evaluate(self, model, encoded: EncodedClassification) -> dict:
         acc = accuracy(self.scores(model, encoded), encoded.labels)
         return {"metric": acc, "accuracy": acc}
+
+
+def owned_rows(encoded, sharding) -> list[int]:
+    """The example rows in the micro-batches this process runs (all rows without sharding)."""
+    return [row for index, batch in enumerate(encoded.batches)
+            if sharding is None or sharding.owns(index) for row in batch.rows.tolist()]
 
 
 def label_word_losses(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -321,6 +332,7 @@ class GenerationScorer:
     """
 
     sort_by_length = True  # the benchmark's re-creation of slower batching turns it off
+    sharding = None  # a distributed.Sharding: run only this rank's micro-batches, then sum
 
     def __init__(self, tokenizer, template: QATemplate, max_length: int | None, max_new_tokens: int = 50):
         if max_new_tokens < 1:
@@ -398,7 +410,9 @@ class GenerationScorer:
         EOS), padding it from then on while the other rows continue.
         """
         answers = [""] * len(encoded)
-        for batch in encoded.batches:
+        for index, batch in enumerate(encoded.batches):
+            if self.sharding is not None and not self.sharding.owns(index):
+                continue
             output = model.generate(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
@@ -411,16 +425,20 @@ class GenerationScorer:
                 answers[row] = text.split("\n", 1)[0].strip()
         return answers
 
-    def f1_scores(self, model, encoded: EncodedGeneration) -> tuple[list[str], torch.Tensor]:
+    def f1_scores(self, model, encoded: EncodedGeneration) -> torch.Tensor:
+        """(N, 2) fp32: per example the F1 and the exact match of its greedy answer, max over golds."""
         answers = self.generate(model, encoded)
-        f1 = torch.tensor([best_f1(a, golds) for a, golds in zip(answers, encoded.answers)], dtype=torch.float32)
-        return answers, f1
+        scores = torch.zeros((len(encoded), 2), dtype=torch.float32)
+        for row in owned_rows(encoded, self.sharding):
+            scores[row, 0] = best_f1(answers[row], encoded.answers[row])
+            scores[row, 1] = best_exact_match(answers[row], encoded.answers[row])
+        return scores if self.sharding is None else self.sharding.combine(scores)
 
     def losses(self, model, encoded: EncodedGeneration) -> torch.Tensor:
         """l_i = -F1 of example i's greedy answer, fp32, shape (N,)."""
-        return -self.f1_scores(model, encoded)[1]
+        return -self.f1_scores(model, encoded)[:, 0]
 
     def evaluate(self, model, encoded: EncodedGeneration) -> dict:
-        answers, f1 = self.f1_scores(model, encoded)
-        em = sum(best_exact_match(a, golds) for a, golds in zip(answers, encoded.answers)) / max(len(answers), 1)
-        return {"metric": float(f1.mean()), "f1": float(f1.mean()), "exact_match": em}
+        scores = self.f1_scores(model, encoded)
+        f1, em = (float(scores[:, 0].mean()), float(scores[:, 1].mean())) if len(encoded) else (0.0, 0.0)
+        return {"metric": f1, "f1": f1, "exact_match": em}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import data as data_lib
+import distributed
 import mechanisms
 import zo
 from evaluate import GenerationScorer, LabelWordScorer
@@ -88,6 +89,7 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"help": "run folder for config, logs, results, weights [default: runs/<task>-<mode>-<tuning>-seed<seed>]"})
     dtype: str = field(default="auto", metadata={"help": "weight dtype: fp32, fp16, bf16, auto (fp16 on CUDA, fp32 on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    device_map: str | None = field(default=None, metadata={"help": "'auto' shards a model too large for one GPU across all GPUs (accelerate); --device then only sets the default"})
     template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad; classification: text with {text}; generation: text with {prompt} [default: mezo, squad, -, {prompt}]"})
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass [default: 32 on CPU; on CUDA the largest power of two up to 512 that fits in memory]"})
@@ -248,7 +250,7 @@ def random_opt(name: str, tokenizer, dtype: torch.dtype, seed: int = 0):
     return OPTForCausalLM(config).to(dtype)
 
 
-def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device):
+def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None):
     """Load any Hugging Face causal LM (Hub id or local path), the offline SmolLM2, or a random OPT shape, in eval mode.
 
     A folder holding a peft adapter (adapter_config.json) loads its base model and merges
@@ -264,12 +266,14 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device
             base = json.load(handle).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{adapter_config} names no base model (base_model_name_or_path)")
-        model, tokenizer = load_model_and_tokenizer(base, dtype, device)
+        model, tokenizer = load_model_and_tokenizer(base, dtype, device, device_map)
         model = PeftModel.from_pretrained(model, name).merge_and_unload()
         model.eval()
         return model, tokenizer
 
     if name in RANDOM_OPT_SHAPES:
+        if device_map is not None:
+            raise ConfigError(f"--device-map applies to pretrained models, not to the random shape {name}")
         tokenizer = gpt2_bpe_tokenizer()
         model = random_opt(name, tokenizer, dtype)
         model.to(device)
@@ -281,6 +285,10 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device
         path, extra = name, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        if device_map is not None:
+            # accelerate places the layers across the visible GPUs (then CPU); SPSA then
+            # perturbs each parameter on its own device with that device's generator.
+            extra["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except OSError as error:
         raise ConfigError(
@@ -291,7 +299,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device
         # The GGUF weights were dequantised on load; the leftover entry would make
         # save_pretrained and peft treat the model as quantised.
         del model.config.quantization_config
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()  # no dropout: SPSA needs the same function at theta + eps z and theta - eps z
     return model, tokenizer
 
@@ -538,9 +547,14 @@ class Prepared:
     micro_batch_size: int
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Load data and model, make the trainable set and tokenise the three sets, checking input first."""
+def prepare(cfg: TrainConfig, sharding=None) -> Prepared:
+    """Load data and model, make the trainable set and tokenise the three sets, checking input first.
+
+    With `sharding` (data parallelism) on CUDA, each process uses the GPU cuda:LOCAL_RANK.
+    """
     device = resolve_device(cfg.device)
+    if sharding is not None and device.type == "cuda":
+        device = torch.device("cuda", sharding.local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
     template = data_lib.get_template(cfg.task, cfg.template, cfg.label_words)
     num_labels = len(template.label_words) if cfg.task == "classification" else 2
@@ -551,13 +565,16 @@ def prepare(cfg: TrainConfig) -> Prepared:
     split = data_lib.mezo_split(task_data, cfg.pool_size, cfg.dev_size, cfg.test_size, cfg.data_seed)
 
     log.info("loading %s (%s on %s)", cfg.model, str(dtype).removeprefix("torch."), device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype, device, cfg.device_map)
+    if cfg.device_map is not None:
+        device = model.get_input_embeddings().weight.device  # inputs enter where the embeddings are
     model = apply_tuning(model, cfg)
     max_length = getattr(model.config, "max_position_embeddings", None)
     if cfg.task in GENERATION_TASKS:
         scorer = GenerationScorer(tokenizer, template, max_length, cfg.max_new_tokens)
     else:
         scorer = LabelWordScorer(tokenizer, template, max_length)
+    scorer.sharding = sharding
     micro_batch_size = cfg.micro_batch_size or auto_micro_batch_size(model, scorer, split.pool, device)
     return Prepared(
         task_data=task_data, split=split, device=device, model=model, scorer=scorer,
@@ -758,12 +775,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     run continues from its last checkpoint and ends exactly as an uninterrupted run would.
     """
     cfg = resolve_defaults(cfg)
+    sharding = distributed.setup()  # None unless launched by torchrun with several processes
+    main = sharding is None or sharding.is_main  # only rank 0 writes the run folder
     if resume:
         if os.path.isfile(os.path.join(cfg.output_dir, "result.json")):
             raise ConfigError(f"run {cfg.output_dir} already finished (result.json exists); nothing to resume")
     else:
         check_output_dir(cfg.output_dir)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, sharding)
     model, scorer, split = prepared.model, prepared.scorer, prepared.split
     pool, dev, test = prepared.pool, prepared.dev, prepared.test
     named_params = zo.trainable_parameters(model)
@@ -797,6 +816,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
             dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta, sampling_rate=cfg.sampling_rate)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    if sharding is not None:
+        rule = distributed.RankZeroRule(rule, sharding)
     run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, pool_size=len(split.pool),
               membership=membership, rule=rule, public_rng=public_rng)
 
@@ -808,8 +829,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     else:
         if resume:
             log.info("no checkpoint in %s: starting it again from step 0", cfg.output_dir)
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        write_config(cfg, prepared, trainable)
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            write_config(cfg, prepared, trainable)
         loop = LoopState()
         for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):
             if getattr(encoded, "truncated", 0):
@@ -819,9 +841,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
             loop.zero_shot = {"dev": metric(dev), "test": scorer.evaluate(model, test)}
             log.info("zero-shot: dev %.4f, test %.4f", loop.zero_shot["dev"], loop.zero_shot["test"]["metric"])
 
-    release_log = ReleaseLog(os.path.join(cfg.output_dir, "steps.jsonl"), keep_lines=loop.next_step)
-    run.log_release = release_log.write
-    evals_path = os.path.join(cfg.output_dir, "evals.jsonl")
+    release_log = ReleaseLog(os.path.join(cfg.output_dir, "steps.jsonl"), keep_lines=loop.next_step) if main else None
+    run.log_release = release_log.write if main else (lambda record: None)
+    evals_path = os.path.join(cfg.output_dir, "evals.jsonl") if main else os.devnull
     with open(evals_path, "w", encoding="utf-8") as handle:  # back to the checkpoint's evaluations
         handle.writelines(json.dumps(entry) + "\n" for entry in loop.dev_history)
     try:
@@ -847,13 +869,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
                 if record["dev_metric"] > loop.best_dev:
                     loop.best_dev, loop.best_step = record["dev_metric"], step + 1
                     best_params = snapshot(named_params)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if main and cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_checkpoint(cfg.output_dir, run, loop, best_params, rngs)
             if on_step is not None:
                 on_step({**record, "unanimous_steps": loop.unanimous_steps, "steps_run": loop.next_step,
                          "releases": loop.next_step * cfg.directions})
     finally:
-        release_log.close()
+        if release_log is not None:
+            release_log.close()
     steps_run = loop.next_step
 
     if not loop.dev_history or loop.dev_history[-1]["step"] != steps_run:
@@ -864,10 +887,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
             loop.best_dev, loop.best_step, best_params = dev_metric, steps_run, snapshot(named_params)
 
     final_sha = params_sha256(named_params)
-    save_final_weights(model, cfg, named_params, cfg.output_dir)
+    if main:
+        save_final_weights(model, cfg, named_params, cfg.output_dir)
     load_snapshot(named_params, best_params)
     test_metrics = scorer.evaluate(model, test)
-    weights_path = save_best_weights(model, scorer.tokenizer, cfg, cfg.output_dir)
+    weights_path = os.path.join(cfg.output_dir, "best_adapter" if cfg.tuning == "lora" else "best_model")
+    if main:
+        save_best_weights(model, scorer.tokenizer, cfg, cfg.output_dir)
 
     zero_shot_test = loop.zero_shot.get("test")
     result = {
@@ -887,7 +913,10 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
         "pool_size": len(split.pool), "test_size": len(split.test), "dev_history": loop.dev_history,
         "best_weights": os.path.relpath(weights_path, cfg.output_dir),
     }
+    if sharding is not None:
+        result["processes"] = sharding.world
     if cfg.mode == "mi":
         result["posterior_entropy_nats"] = rule.posterior_entropy()
-    write_json(os.path.join(cfg.output_dir, "result.json"), result)
+    if main:
+        write_json(os.path.join(cfg.output_dir, "result.json"), result)
     return result
