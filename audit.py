@@ -94,8 +94,8 @@ def secret_members(cfg: paczero.TrainConfig, pool_size: int) -> np.ndarray:
     return membership[secret].numpy().astype(bool)
 
 
-def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0) -> dict:
-    """Attack the final weights of the run in `run_dir`; return the figures (also written to audit.json)."""
+def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0, weights: str = "final") -> dict:
+    """Attack the final (or dev-best) weights of the run in `run_dir`; return the figures (also in audit.json)."""
     config_path = os.path.join(run_dir, "config.json")
     result_path = os.path.join(run_dir, "result.json")
     for path in (config_path, result_path):
@@ -107,7 +107,7 @@ def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0) -> dict:
         result = json.load(handle)
     cfg = paczero.resolve_defaults(dataclasses.replace(cfg, dev_size=1, test_size=1))
     prepared = paczero.prepare(cfg)
-    paczero.load_run_weights(prepared.model, cfg, run_dir, which="final")
+    paczero.load_run_weights(prepared.model, cfg, run_dir, which=weights)
     with torch.inference_mode():
         losses = prepared.scorer.losses(prepared.model, prepared.pool).double().numpy()
     members = secret_members(cfg, len(prepared.pool))
@@ -115,7 +115,7 @@ def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     low, high = bootstrap_auc(scores, members, rng, resamples)
     figures = {
-        "run_dir": run_dir, "mode": cfg.mode, "pool_size": len(scores), "members": int(members.sum()),
+        "run_dir": run_dir, "mode": cfg.mode, "weights": weights, "pool_size": len(scores), "members": int(members.sum()),
         "auc": roc_auc(scores, members), "auc_ci95": [low, high],
         "attack_success_cross_fitted": cross_fitted_success(scores, members, rng),
         "attack_success_in_sample": best_threshold(scores, members)[1],

@@ -356,16 +356,19 @@ def reproduce(
 def audit(
     run_dir: Annotated[str, typer.Argument(help="a finished run folder")],
     resamples: Annotated[int, typer.Option(help="bootstrap resamples for the AUC interval")] = 1000,
+    weights: Annotated[str, typer.Option(help="which weights to attack: final (after the last step) or best (dev-best)")] = "final",
 ) -> None:
     """Run a loss-threshold membership-inference attack on a finished run and compare it with its bound."""
     configure_logging(False)
     if resamples < 10:
         fail(paczero.ConfigError(f"--resamples must be at least 10, got {resamples}"))
     try:
-        figures = audit_lib.audit_run(run_dir, resamples=resamples)
+        if weights not in ("final", "best"):
+            raise paczero.ConfigError(f"--weights must be final or best, got {weights!r}")
+        figures = audit_lib.audit_run(run_dir, resamples=resamples, weights=weights)
     except USER_ERRORS as error:
         fail(error)
-    table = Table(title=f"Membership-inference audit of {run_dir} ({figures['mode']}): "
+    table = Table(title=f"Membership-inference audit of {run_dir} ({figures['mode']}, {weights} weights): "
                         f"{figures['members']} members of S* among {figures['pool_size']} pool examples")
     table.add_column("quantity")
     table.add_column("value", justify="right")
