@@ -320,14 +320,18 @@ def _read_records(path: str) -> list[dict]:
     return records
 
 
+def _require_columns(record: dict, columns: tuple[str, ...], path: str, row: int, options: str) -> None:
+    for column in columns:
+        if column not in record:
+            raise DataError(f"{path}: row {row} has no column {column!r} (columns: {', '.join(map(str, record))}); "
+                            f"set {options}")
+
+
 def load_classification_file(path: str, text_column: str, label_column: str, num_labels: int) -> list[LabeledText]:
     """Rows of (text, integer label in 0..num_labels-1) from a CSV/TSV/JSONL file."""
     examples = []
     for row, record in enumerate(_read_records(path), start=1):
-        for column in (text_column, label_column):
-            if column not in record:
-                raise DataError(f"{path}: row {row} has no column {column!r} (columns: {', '.join(map(str, record))}); "
-                                "set --text-column and --label-column")
+        _require_columns(record, (text_column, label_column), path, row, "--text-column and --label-column")
         raw = str(record[label_column]).strip()
         if not raw.lstrip("-").isdigit() or not 0 <= int(raw) < num_labels:
             raise DataError(f"{path}: row {row}: label {raw!r} is not an integer in 0..{num_labels - 1} "
@@ -340,10 +344,7 @@ def load_generation_file(path: str, prompt_column: str, answers_column: str) -> 
     """Rows of (prompt, gold answers) from a JSONL/CSV file; answers are a list or one string."""
     examples = []
     for row, record in enumerate(_read_records(path), start=1):
-        for column in (prompt_column, answers_column):
-            if column not in record:
-                raise DataError(f"{path}: row {row} has no column {column!r} (columns: {', '.join(map(str, record))}); "
-                                "set --prompt-column and --answers-column")
+        _require_columns(record, (prompt_column, answers_column), path, row, "--prompt-column and --answers-column")
         answers = record[answers_column]
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):

