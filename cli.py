@@ -62,7 +62,7 @@ RESUMABLE_OPTIONS = {"save_every", "eval_every"}
 
 
 def resumed_options(run_dir: str, options: dict, given: set[str]) -> dict:
-    """The saved options of the run in `run_dir`, after checking what the command line changes."""
+    """Return the saved options of the run in `run_dir`, after checking what the command line changes."""
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise paczero.ConfigError(f"no config.json in {run_dir}; --resume needs a folder written by train")

@@ -32,7 +32,7 @@ class LabeledText:
 
 @dataclass(frozen=True)
 class QAExample:
-    """A SQuAD question; `answers` holds every gold answer text (the first one is the target)."""
+    """A SQuAD question; `answers` contains every gold answer text (the first one is the target)."""
 
     title: str
     context: str
@@ -261,7 +261,7 @@ def _read_squad_json(path: str) -> list[QAExample]:
     except (KeyError, TypeError) as error:
         raise DataError(f"{path} does not follow the SQuAD v1.1 schema (missing or malformed field {error})") from error
     if not examples:
-        raise DataError(f"SQuAD file holds no questions: {path}")
+        raise DataError(f"SQuAD file contains no questions: {path}")
     return examples
 
 

