@@ -66,8 +66,14 @@ def resumed_options(run_dir: str, options: dict, given: set[str]) -> dict:
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise paczero.ConfigError(f"no config.json in {run_dir}; --resume needs a folder written by train")
-    with open(config_path, encoding="utf-8") as handle:
-        saved = json.load(handle)["options"]
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            saved = json.load(handle)["options"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise paczero.ConfigError(f"{config_path} is not a run configuration written by train ({error})") from error
+    if "output_dir" in given and options["output_dir"] != run_dir:
+        raise paczero.ConfigError(f"--output-dir {options['output_dir']} differs from --resume {run_dir}; "
+                                  "a resumed run writes into its own folder, so drop --output-dir")
     for name in sorted(given - {"output_dir"}):
         if name not in RESUMABLE_OPTIONS and options[name] != saved.get(name):
             flag = "--" + name.replace("_", "-")

@@ -174,6 +174,13 @@ def get_template(task: str, name: str | None, label_words: str | None = None):
 def _read_sst2_tsv(path: str) -> list[LabeledText]:
     if not os.path.isfile(path):
         raise DataError(f"SST-2 file not found: {path}; --data-dir must hold train.tsv and dev.tsv (GLUE format)")
+    try:
+        return _parse_sst2_tsv(path)
+    except UnicodeDecodeError as error:
+        raise DataError(f"SST-2 file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+
+
+def _parse_sst2_tsv(path: str) -> list[LabeledText]:
     rows = []
     with open(path, encoding="utf-8", newline="") as handle:
         # GLUE's SST-2 has quote characters inside sentences, so quoting must be off.
@@ -297,6 +304,13 @@ def load_squad(data_dir: str | None = None) -> TaskData:
 def _read_records(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
+    try:
+        return _parse_records(path)
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+
+
+def _parse_records(path: str) -> list[dict]:
     records = []
     if path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as handle:

@@ -290,9 +290,9 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device: torch.device
             # perturbs each parameter on its own device with that device's generator.
             extra["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # a missing path, or a folder transformers cannot read
         raise ConfigError(
-            f"could not load model {name!r} ({error}); give a Hugging Face Hub id, a local folder "
+            f"could not load model {name!r} ({' '.join(str(error).split())}); give a Hugging Face Hub id, a local folder "
             f"with config.json and weights, {SMOLLM2_NAME!r}, or one of {', '.join(RANDOM_OPT_SHAPES)}"
         ) from error
     if getattr(model.config, "quantization_config", None) is not None and name == SMOLLM2_NAME:
@@ -484,6 +484,8 @@ def step_record(step, draws, rows, estimates, inputs, releases, rule, lr) -> dic
 
 def check_output_dir(path: str) -> None:
     """Reject a non-empty output folder before anything is loaded or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output folder {path} exists and is a file; pass another --output-dir")
     if os.path.isdir(path) and os.listdir(path):
         raise ConfigError(
             f"output folder {path} is not empty; pass another --output-dir, remove it, or continue it with --resume {path}"
@@ -697,7 +699,12 @@ def load_checkpoint(out_dir: str, run: Run, rngs: dict[str, np.random.Generator]
     """Restore weights, generators, the release rule's state and the loop from a checkpoint."""
     # The checkpoint contains numpy generator states, so it is a full pickle: load only run
     # folders you wrote yourself.
-    payload = torch.load(os.path.join(out_dir, CHECKPOINT), weights_only=False)
+    path = os.path.join(out_dir, CHECKPOINT)
+    try:
+        payload = torch.load(path, weights_only=False)
+    except Exception as error:  # torch.load raises pickle, zip and OS errors of many types
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
+                          "delete it to restart the run from step 0") from error
     load_snapshot(run.named_params, payload["params"])
     for name, rng in rngs.items():
         rng.bit_generator.state = payload["rng_states"][name]
@@ -721,8 +728,14 @@ class ReleaseLog:
                 lines = handle.readlines()[:keep_lines]
         if len(lines) != keep_lines:
             raise TrainingError(f"{path} has {len(lines)} complete lines but the checkpoint is at step {keep_lines}")
-        self.handle = open(path, "w", encoding="utf-8")
-        self.handle.writelines(lines)
+        # Cut the file back through a temporary copy and a rename, so a crash here leaves
+        # either the old log or the cut one, never an empty file.
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(path + ".tmp", path)
+        self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record, default=_json_number) + "\n")
@@ -738,9 +751,12 @@ def check_finite(run: Run, step: int, estimates: list) -> None:
     for k, estimate in enumerate(estimates):
         if not bool(torch.isfinite(estimate.grads).all()):
             bad = int((~torch.isfinite(estimate.grads)).sum())
+            fix = "lower --lr or --zo-eps"
+            if any(p.dtype != torch.float32 for p in run.params):
+                fix += ", or use --dtype fp32"
             raise TrainingError(
                 f"non-finite projected gradient at step {step} (direction {k}, {bad} of {estimate.grads.numel()} "
-                "examples); nothing was released for this step. Lower --lr or --zo-eps, or use --dtype fp32"
+                f"examples); nothing was released for this step and the last checkpoint is kept. To continue, {fix}"
             )
 
 
@@ -825,6 +841,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
     if resume and os.path.isfile(checkpoint_path):
         loop, best_params = load_checkpoint(cfg.output_dir, run, rngs)
+        if main:
+            write_config(cfg, prepared, trainable)  # records a changed --eval-every or --save-every
         log.info("resuming %s at step %d of %d", cfg.output_dir, loop.next_step, cfg.steps)
     else:
         if resume:
