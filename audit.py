@@ -13,9 +13,18 @@ how well it does next to that bound:
   and applied to the other (two-fold cross-fitting, so the rate is not inflated by
   choosing the threshold on the examples it is scored on).
 
-For ZPL the released model is a function of public randomness only, so the AUC must sit
-within noise of 0.5. A non-private run that trains on the secret half (raw_half) can do
-better, which shows the attack has power.
+Two baselines keep the figures honest, because with a small pool the loss of a fixed set of
+examples can separate them by chance, before any training:
+- the same attack at the initial weights (the model before its first step);
+- the same attack against each of the M public candidate subsets. Before training every
+  subset is equally likely to be S*, so these M AUCs are the attack's null distribution.
+  The rank of S* among them is what an attacker who bets on the most member-like subset
+  would learn; for ZPL it is uniform on 1..M.
+
+For ZPL the released model is a function of public randomness only, so S* must look like
+any other candidate subset. A non-private run that trains on the secret half (raw_half)
+can push S* to the top, which shows the attack has power. For MeZO and the DP modes every
+pool example is trained on, so membership in S* is not what they protect.
 """
 
 from __future__ import annotations
@@ -87,11 +96,17 @@ def bootstrap_auc(scores: np.ndarray, members: np.ndarray, rng: np.random.Genera
     return float(low), float(high)
 
 
-def secret_members(cfg: paczero.TrainConfig, pool_size: int) -> np.ndarray:
-    """Boolean mask over the pool: which examples are in the secret subset S* of this run."""
+def candidate_subsets(cfg: paczero.TrainConfig, pool_size: int) -> tuple[np.ndarray, int]:
+    """The (M, N) public membership matrix of this run and the index of its secret subset S*."""
     membership = mechanisms.membership_matrix(pool_size, cfg.num_subsets, np.random.default_rng(cfg.seed))
     secret = mechanisms.draw_secret_index(np.random.default_rng(cfg.secret_seed), cfg.num_subsets)
-    return membership[secret].numpy().astype(bool)
+    return membership.numpy().astype(bool), secret
+
+
+def secret_members(cfg: paczero.TrainConfig, pool_size: int) -> np.ndarray:
+    """Boolean mask over the pool: which examples are in the secret subset S* of this run."""
+    membership, secret = candidate_subsets(cfg, pool_size)
+    return membership[secret]
 
 
 def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0, weights: str = "final") -> dict:
@@ -106,17 +121,27 @@ def audit_run(run_dir: str, resamples: int = 1000, seed: int = 0, weights: str =
     with open(result_path, encoding="utf-8") as handle:
         result = json.load(handle)
     cfg = paczero.resolve_defaults(dataclasses.replace(cfg, dev_size=1, test_size=1))
-    prepared = paczero.prepare(cfg)
+    prepared = paczero.prepare(cfg)  # theta_0: the base model, with LoRA initialised from --seed
+    with torch.inference_mode():
+        initial_losses = prepared.scorer.losses(prepared.model, prepared.pool).double().numpy()
     paczero.load_run_weights(prepared.model, cfg, run_dir, which=weights)
     with torch.inference_mode():
         losses = prepared.scorer.losses(prepared.model, prepared.pool).double().numpy()
-    members = secret_members(cfg, len(prepared.pool))
+    membership, secret = candidate_subsets(cfg, len(prepared.pool))
+    members = membership[secret]
     scores = -losses
+    candidate_aucs = np.array([roc_auc(scores, row) for row in membership])
     rng = np.random.default_rng(seed)
     low, high = bootstrap_auc(scores, members, rng, resamples)
     figures = {
         "run_dir": run_dir, "mode": cfg.mode, "weights": weights, "pool_size": len(scores), "members": int(members.sum()),
         "auc": roc_auc(scores, members), "auc_ci95": [low, high],
+        "auc_initial_weights": roc_auc(-initial_losses, members),
+        "secret_rank_among_subsets": int(1 + (candidate_aucs > candidate_aucs[secret]).sum()),
+        "num_subsets": int(len(candidate_aucs)),
+        "candidate_auc_median": float(np.median(candidate_aucs)),
+        "candidate_auc_range95": [float(np.percentile(candidate_aucs, 2.5)), float(np.percentile(candidate_aucs, 97.5))],
+        "protects_membership_in_secret_subset": cfg.mode in ("zpl", "mi"),
         "attack_success_cross_fitted": cross_fitted_success(scores, members, rng),
         "attack_success_in_sample": best_threshold(scores, members)[1],
         "mia_bound": result.get("mia_bound"), "mi_spent_nats": result.get("mi_spent_nats"),

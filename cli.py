@@ -111,8 +111,8 @@ def result_table(result: dict) -> Table:
         ("unanimous steps", f"{result['unanimous_steps']} ({100 * result['unanimity_rate']:.1f} %)"),
         ("zero-difference rate (g_i = 0)", result["zero_difference_rate"]),
         ("MI spent (nats)", result["mi_spent_nats"]),
-        ("MIA success bound", result["mia_bound"]),
-        ("matched DP epsilon", result["matched_epsilon"]),
+        ("MIA success bound (membership in S*, prior 1/2)", result["mia_bound"]),
+        ("MIA-matched epsilon (same bound as eps-DP; not a DP guarantee)", result["matched_epsilon"]),
         ("seconds per step", result["seconds_per_step"]),
         ("trainable parameters", f"{result['trainable_params']:,}"),
     ]
@@ -209,6 +209,9 @@ def train(
     try:
         try:
             result = paczero.train(cfg, on_step=on_step, resume=resume is not None)
+        except KeyboardInterrupt:
+            error_console.print(f"interrupted; continue from the last checkpoint with: python cli.py train --resume {cfg.output_dir}")
+            raise typer.Exit(code=130)
         finally:
             if progress.live.is_started:
                 progress.stop()
@@ -262,7 +265,7 @@ def evaluate_command(
         outcome = paczero.evaluate_model(cfg, run_dir=run_dir)
     except USER_ERRORS as error:
         fail(error)
-    table = Table(title=f"{outcome['task']} test, {outcome['model']}" + (f", run {run_dir}" if run_dir else ", zero-shot"))
+    table = Table(title=f"{outcome['task']} test, " + (f"dev-best weights of run {run_dir}" if run_dir else f"model {outcome['model']}"))
     metrics = {k: v for k, v in outcome["metrics"].items() if k != "metric"}
     table.add_column("examples", justify="right")
     for name in metrics:
@@ -322,9 +325,11 @@ def reproduce(
     if template is None and chosen.name == "cpu" and spec.task == "sst2" and model is None:
         template = "instruct"  # SmolLM2 is instruction-tuned: 71 % zero-shot with it, 52 % with MeZO's prompt
     try:
-        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds is not None else None
+        if seed_list is not None and any(s < 0 for s in seed_list):
+            raise ValueError
     except ValueError:
-        fail(paczero.ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}"))
+        fail(paczero.ConfigError(f"--seeds must be comma-separated non-negative integers, got {seeds!r}"))
     row_labels = [r.strip() for r in rows.split(";")] if rows else None
     known = {r.label for r in spec.rows}
     for label in row_labels or []:
@@ -379,7 +384,14 @@ def audit(
     table.add_column("quantity")
     table.add_column("value", justify="right")
     low, high = figures["auc_ci95"]
-    table.add_row("ROC AUC of -loss (0.5 = chance)", f"{figures['auc']:.3f} [{low:.3f}, {high:.3f}] 95 % CI")
+    null_low, null_high = figures["candidate_auc_range95"]
+    table.add_row("ROC AUC of -loss for S* (0.5 = chance)",
+                  f"{figures['auc']:.3f} [{low:.3f}, {high:.3f}] 95 % bootstrap over examples")
+    table.add_row("same AUC at the initial weights", f"{figures['auc_initial_weights']:.3f}")
+    table.add_row(f"AUC over all {figures['num_subsets']} candidate subsets (null)",
+                  f"median {figures['candidate_auc_median']:.3f}, 95 % range [{null_low:.3f}, {null_high:.3f}]")
+    table.add_row("rank of S* among the candidate subsets (1 = most member-like)",
+                  f"{figures['secret_rank_among_subsets']} of {figures['num_subsets']}")
     table.add_row("attack success, threshold fitted on the other half", f"{figures['attack_success_cross_fitted']:.3f}")
     table.add_row("attack success, threshold fitted in sample (optimistic)", f"{figures['attack_success_in_sample']:.3f}")
     table.add_row("mean loss, members / non-members",
@@ -387,6 +399,9 @@ def audit(
     table.add_row("run's MIA success bound", format_number(figures["mia_bound"]))
     table.add_row("run's MI spent (nats)", format_number(figures["mi_spent_nats"]))
     console.print(table)
+    if not figures["protects_membership_in_secret_subset"]:
+        console.print(f"note: --mode {figures['mode']} trains on the whole pool, so membership in S* is not what "
+                      "it protects; these figures are a reference, not a test of its guarantee.")
     console.print(f"figures written to {os.path.join(run_dir, 'audit.json')}")
 
 
@@ -434,8 +449,11 @@ def bench(
     cfg = bench_lib.BenchConfig(model=model, task=task, tuning=tuning, dtype=dtype, device=device, pool_size=pool_size,
                                 micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, baseline=baseline,
                                 data_dir=data_dir, template=template, max_new_tokens=max_new_tokens)
-    if steps < 1 or warmup < 0 or drift_cycles < 0:
-        fail(paczero.ConfigError("--steps must be at least 1, --warmup and --drift-cycles at least 0"))
+    for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--drift-cycles", drift_cycles, 0)):
+        if value < low:
+            fail(paczero.ConfigError(f"{name} must be at least {low}, got {value}"))
+    if json_path is not None and (os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(os.path.abspath(json_path)))):
+        fail(paczero.ConfigError(f"--json {json_path} is not a file path in an existing folder"))
     try:
         figures = bench_lib.run_bench(cfg)
         drift = bench_lib.weight_drift(cfg, drift_cycles) if drift_cycles else None

@@ -156,11 +156,13 @@ class LabelWordScorer:
 
     def _batch(self, prompt_ids: list[list[int]], labels: torch.Tensor, micro_batch_size: int) -> EncodedClassification:
         if prompt_ids and self.max_length is not None:
-            longest = max(len(p) for p in prompt_ids) + max(len(w) for w in self.word_ids)
+            lengths = [len(p) for p in prompt_ids]
+            longest = max(lengths) + max(len(w) for w in self.word_ids)
             if longest > self.max_length:
+                too_long = sum(1 for n in lengths if n + max(len(w) for w in self.word_ids) > self.max_length)
                 raise ValueError(
-                    f"a prompt with its label word is {longest} tokens, over the model's maximum "
-                    f"length {self.max_length}"
+                    f"{too_long} prompt(s) with their label word exceed the model's maximum length "
+                    f"{self.max_length} tokens (longest: {longest}); shorten those texts or the template"
                 )
         rows = []  # (example index, candidate index or -1, token ids, word ids)
         for index, ids in enumerate(prompt_ids):

@@ -117,7 +117,9 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         table = {("mezo", "lora"): 1e-4, ("mezo", "ft"): 1e-6, ("zpl", "lora"): 1e-3, ("mi", "lora"): 5e-4,
                  ("dpzero", "ft"): 5e-6, ("dpaggzo", "ft"): 5e-6}
         cfg.lr = table.get((cfg.mode, cfg.tuning), 1e-4)
-    if cfg.clip is None:
+    if cfg.mode == "mezo" and cfg.clip is not None:
+        raise ConfigError(f"--clip applies to the private modes and ablations; --mode mezo uses the raw projected gradients")
+    if cfg.clip is None and cfg.mode != "mezo":
         cfg.clip = 25.0 if cfg.tuning == "lora" else 1000.0
     if cfg.num_subsets is None:
         cfg.num_subsets = 126 if cfg.mode == "zpl" else 128
@@ -129,7 +131,10 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join("runs", f"{cfg.task}-{cfg.mode}-{cfg.tuning}-seed{cfg.seed}")
 
-    positive = {"lr": cfg.lr, "zo_eps": cfg.zo_eps, "clip": cfg.clip, "steps": cfg.steps,
+    for name in ("seed", "secret_seed", "data_seed"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer, got {getattr(cfg, name)}")
+    positive = {"lr": cfg.lr, "zo_eps": cfg.zo_eps, "clip": 1.0 if cfg.clip is None else cfg.clip, "steps": cfg.steps,
                 "pool_size": cfg.pool_size, "dev_size": cfg.dev_size, "test_size": cfg.test_size,
                 "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
                 "max_new_tokens": cfg.max_new_tokens}
@@ -578,13 +583,12 @@ def prepare(cfg: TrainConfig, sharding=None) -> Prepared:
         scorer = LabelWordScorer(tokenizer, template, max_length)
     scorer.sharding = sharding
     micro_batch_size = cfg.micro_batch_size or auto_micro_batch_size(model, scorer, split.pool, device)
-    return Prepared(
-        task_data=task_data, split=split, device=device, model=model, scorer=scorer,
-        pool=scorer.encode(split.pool, micro_batch_size).to(device),
-        dev=scorer.encode(split.dev, micro_batch_size).to(device),
-        test=scorer.encode(split.test, micro_batch_size).to(device),
-        micro_batch_size=micro_batch_size,
-    )
+    try:
+        encoded = {name: scorer.encode(getattr(split, name), micro_batch_size).to(device) for name in ("pool", "dev", "test")}
+    except ValueError as error:  # a prompt longer than the model can take
+        raise ConfigError(str(error)) from error
+    return Prepared(task_data=task_data, split=split, device=device, model=model, scorer=scorer,
+                    micro_batch_size=micro_batch_size, **encoded)
 
 
 def auto_micro_batch_size(model, scorer, examples: list, device: torch.device, largest: int = 512) -> int:
@@ -751,12 +755,13 @@ def check_finite(run: Run, step: int, estimates: list) -> None:
     for k, estimate in enumerate(estimates):
         if not bool(torch.isfinite(estimate.grads).all()):
             bad = int((~torch.isfinite(estimate.grads)).sum())
-            fix = "lower --lr or --zo-eps"
+            fix = "a lower --lr or --zo-eps"
             if any(p.dtype != torch.float32 for p in run.params):
-                fix += ", or use --dtype fp32"
+                fix += ", or --dtype fp32"
             raise TrainingError(
                 f"non-finite projected gradient at step {step} (direction {k}, {bad} of {estimate.grads.numel()} "
-                f"examples); nothing was released for this step and the last checkpoint is kept. To continue, {fix}"
+                f"examples); nothing was released for this step. These options cannot go on: start a new run "
+                f"(another --output-dir) with {fix}"
             )
 
 
@@ -848,7 +853,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
         if resume:
             log.info("no checkpoint in %s: starting it again from step 0", cfg.output_dir)
         if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+            try:
+                os.makedirs(cfg.output_dir, exist_ok=True)
+            except OSError as error:
+                raise ConfigError(f"cannot create the output folder {cfg.output_dir!r} ({error.strerror}); "
+                                  "pass a writable --output-dir") from error
             write_config(cfg, prepared, trainable)
         loop = LoopState()
         for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):

@@ -219,7 +219,9 @@ def cell_config(spec: TableSpec, row: Row, column: str, seed: int, scale: Scale,
     slug = "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in row.label.lower()).strip("-")
     options.update(task=spec.task, tuning=column, seed=seed, secret_seed=10_000 + seed,
                    output_dir=os.path.join(out_root, f"{slug}-{column}-seed{seed}"), zero_shot=False)
-    if options["mode"] not in ("mezo",) and "batch_size" in options:
+    if options["mode"] == "mezo":
+        options.pop("clip", None)  # MeZO uses the raw projected gradients
+    elif "batch_size" in options:
         options.pop("batch_size")
     if options["mode"] not in ("dpzero", "dpaggzo"):
         options.pop("sampling_rate", None)
