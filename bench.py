@@ -23,13 +23,14 @@ import math
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import data as data_lib
 import mechanisms
+import models
 import paczero
 import zo
 from evaluate import GenerationScorer, LabelWordScorer
@@ -43,7 +44,7 @@ PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, 
 
 @dataclass
 class BenchConfig:
-    model: str = paczero.SMOLLM2_NAME
+    model: str = models.SMOLLM2_NAME
     task: str = "sst2"
     tuning: str = "lora"
     dtype: str = "auto"
@@ -292,7 +293,7 @@ def weight_drift(cfg: BenchConfig, cycles: int, dtypes=("fp32", "fp16", "bf16"),
         total += p.numel()
     rows = []
     for name in dtypes:
-        dtype = paczero.resolve_dtype(name, prepared.device)
+        dtype = models.resolve_dtype(name, prepared.device)
         params = [p.to(dtype) for p in source]
         start = [p.clone() for p in params]
         started = time.perf_counter()

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Annotated, Optional
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mechanisms
+import models
 import paczero
 
 log = logging.getLogger("paczero.reproduce")
@@ -178,7 +179,7 @@ SCALES_BY_NAME = {
     ),
     "cpu": Scale(
         name="cpu", description="SmolLM2-135M, N = 32, M = 8, 60 steps, LoRA only (CPU)", columns=("lora",),
-        base={"model": paczero.SMOLLM2_NAME, "pool_size": 32, "dev_size": 100, "test_size": 1000,
+        base={"model": models.SMOLLM2_NAME, "pool_size": 32, "dev_size": 100, "test_size": 1000,
               "eval_every": 30, "dtype": "fp32"},
         recipe=cpu_recipe,
     ),

@@ -28,10 +28,10 @@ NOUNS = ["film", "movie", "story", "script", "cast", "ending", "plot", "score"]
 
 
 def gpt2_tokenizer():
-    """GPT-2's BPE with OPT's special tokens (</s> as BOS and EOS, <pad>), from paczero."""
-    import paczero
+    """GPT-2's BPE with OPT's special tokens (</s> as BOS and EOS, <pad>), from models."""
+    import models
 
-    return paczero.gpt2_bpe_tokenizer()
+    return models.gpt2_bpe_tokenizer()
 
 
 def tiny_opt(tokenizer, seed: int = 0, activation: str = "relu"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models
 import paczero
 import zo
 from conftest import tiny_opt
@@ -156,7 +157,7 @@ def test_projected_gradients_low_precision(tokenizer, dtype):
 
 def test_lora_step_keeps_base_weights(tokenizer):
     cfg = paczero.TrainConfig(tuning="lora", seed=0)
-    model = paczero.apply_tuning(tiny_opt(tokenizer), cfg)
+    model = models.apply_tuning(tiny_opt(tokenizer), cfg)
     named = zo.trainable_parameters(model)
     assert named
     assert all("lora_" in name for name, _ in named)
@@ -176,9 +177,9 @@ def test_lora_step_keeps_base_weights(tokenizer):
 
 def test_lora_init_from_public_seed(tokenizer):
     # peft draws the A matrices at random, so the public seed must fix them for runs to repeat.
-    first = paczero.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=0))
-    again = paczero.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=0))
-    other = paczero.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=1))
+    first = models.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=0))
+    again = models.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=0))
+    other = models.apply_tuning(tiny_opt(tokenizer), paczero.TrainConfig(tuning="lora", seed=1))
     first_hash = paczero.params_sha256(zo.trainable_parameters(first))
     assert paczero.params_sha256(zo.trainable_parameters(again)) == first_hash
     assert paczero.params_sha256(zo.trainable_parameters(other)) != first_hash
