@@ -12,6 +12,7 @@ Everything else here (loading, evaluation, logging, saving) is bookkeeping aroun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -330,6 +331,28 @@ def check_output_dir(path: str) -> None:
         )
 
 
+def lock_output_dir(path: str):
+    """Hold an exclusive lock on the run folder for as long as the returned handle is open.
+
+    Two processes writing one run folder would interleave their release logs and checkpoints
+    into a run that neither made. The lock is an flock on the folder itself, so it leaves no
+    file behind and the kernel drops it when the process dies, even on SIGKILL. (On systems
+    without fcntl, such as Windows, there is no lock.)
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise ConfigError(f"output folder {path} is in use by another paczero process; "
+                          "wait for it to finish or pass another --output-dir") from None
+    return handle
+
+
 def write_json(path: str, payload: dict) -> None:
     """Write JSON atomically: a crash leaves either the old file or the new one, never half."""
     tmp = path + ".tmp"
@@ -602,6 +625,11 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     run continues from its last checkpoint and ends exactly as an uninterrupted run would.
     """
     cfg = resolve_defaults(cfg)
+    with contextlib.ExitStack() as hold:  # releases the run folder's lock however the run ends
+        return _train(cfg, on_step, resume, hold)
+
+
+def _train(cfg: TrainConfig, on_step, resume: bool, hold: contextlib.ExitStack) -> dict:
     sharding = distributed.setup()  # None unless launched by torchrun with several processes
     main = sharding is None or sharding.is_main  # only rank 0 writes the run folder
     if resume:
@@ -648,6 +676,17 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
     run = Run(cfg=cfg, model=model, named_params=named_params, pool_losses=pool_losses, pool_size=len(split.pool),
               membership=membership, rule=rule, public_rng=public_rng)
 
+    if main:
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the output folder {cfg.output_dir!r} ({error.strerror}); "
+                              "pass a writable --output-dir") from error
+        lock = lock_output_dir(cfg.output_dir)
+        if lock is not None:
+            hold.callback(os.close, lock)
+        if not resume:
+            check_output_dir(cfg.output_dir)  # another process may have written it since the first check
     best_params = None
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
     if resume and os.path.isfile(checkpoint_path):
@@ -659,11 +698,6 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, resum
         if resume:
             log.info("no checkpoint in %s: starting it again from step 0", cfg.output_dir)
         if main:
-            try:
-                os.makedirs(cfg.output_dir, exist_ok=True)
-            except OSError as error:
-                raise ConfigError(f"cannot create the output folder {cfg.output_dir!r} ({error.strerror}); "
-                                  "pass a writable --output-dir") from error
             write_config(cfg, prepared, trainable)
         loop = LoopState()
         for name, encoded in (("pool", pool), ("dev", dev), ("test", test)):

@@ -595,6 +595,29 @@ def test_train_rejects_nonempty_output(tmp_path, tiny_model_dir, sst2_dir):
     assert os.listdir(run_dir) == ["notes.txt"]
 
 
+def test_output_lock_refuses_second_holder(tmp_path):
+    first = paczero.lock_output_dir(str(tmp_path))
+    try:
+        with pytest.raises(paczero.ConfigError, match="in use by another paczero process"):
+            paczero.lock_output_dir(str(tmp_path))
+    finally:
+        os.close(first)
+    os.close(paczero.lock_output_dir(str(tmp_path)))  # free again once the holder closes it
+
+
+def test_train_refuses_locked_output(tmp_path, tiny_model_dir, sst2_dir):
+    # Another process holds the run folder (here: this one, through a second open file).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = paczero.lock_output_dir(str(run_dir))
+    try:
+        line = assert_one_line_error(invoke(small_train_arguments(tiny_model_dir, sst2_dir, str(run_dir))))
+    finally:
+        os.close(holder)
+    assert "is in use by another paczero process" in line
+    assert_no_run_folder(str(run_dir))
+
+
 # ---------------------------------------------------------------------------------------
 # Monte Carlo audit of the release mechanism
 # ---------------------------------------------------------------------------------------
