@@ -273,9 +273,13 @@ def run_cell_seed(cfg: paczero.TrainConfig, zero_shot_only: bool) -> dict:
 def run_table(spec: TableSpec, scale: Scale, out_root: str, overrides: dict | None = None,
               seeds: tuple[int, ...] | None = None, rows: list[str] | None = None,
               on_progress: Callable[[str], None] | None = None) -> list[Cell]:
-    """Run (or read back) every cell of a table over its seeds."""
+    """Run (or read back) every cell of a table over its seeds.
+
+    Every run's options are built and validated before the first run starts, so that an
+    option a late row cannot take fails in seconds rather than after hours of earlier rows.
+    """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cells = []
+    plan: list[tuple[Cell, int, paczero.TrainConfig]] = []
     for row in spec.rows:
         if rows and row.label not in rows:
             continue
@@ -289,13 +293,21 @@ def run_table(spec: TableSpec, scale: Scale, out_root: str, overrides: dict | No
                 cell_seeds = cell_seeds[:1]  # zero-shot does not depend on the seed's training
             for seed in cell_seeds:
                 cfg = cell_config(spec, row, column, seed, scale, overrides, out_root)
-                if on_progress is not None:
-                    on_progress(f"{row.label} / {column} / seed {seed}")
-                result = run_cell_seed(cfg, zero_shot_only=row.mode is None)
-                cell.values.append(result["test_metric"])
-                cell.run_dirs.append(cfg.output_dir)
-                if result.get("seconds_per_step") is not None:
-                    cell.seconds.append(result["seconds_per_step"])
+                try:
+                    paczero.resolve_defaults(cfg)
+                except paczero.ConfigError as error:
+                    raise paczero.ConfigError(f"row {row.label!r} ({column}, seed {seed}): {error}") from None
+                plan.append((cell, seed, cfg))
+    cells = []
+    for cell, seed, cfg in plan:
+        if on_progress is not None:
+            on_progress(f"{cell.row.label} / {cell.column} / seed {seed}")
+        result = run_cell_seed(cfg, zero_shot_only=cell.row.mode is None)
+        cell.values.append(result["test_metric"])
+        cell.run_dirs.append(cfg.output_dir)
+        if result.get("seconds_per_step") is not None:
+            cell.seconds.append(result["seconds_per_step"])
+        if not cells or cells[-1] is not cell:
             cells.append(cell)
     return cells
 

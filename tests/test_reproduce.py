@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import cli
 import mechanisms
+import paczero
 import reproduce
 
 SPEC = reproduce.TABLES["sst2"]
@@ -142,6 +143,15 @@ def test_table_rows_paper_numbers(table):
 # ---------------------------------------------------------------------------------------
 # Reuse of finished runs
 # ---------------------------------------------------------------------------------------
+
+
+def test_run_table_validates_every_row_first(tmp_path, tiny_model_dir, sst2_dir):
+    # Two directions suit the zero-shot row but not DPZero (K = 1): the table must stop
+    # before the zero-shot row has run, naming the row that cannot take the option.
+    overrides = tiny_overrides(tiny_model_dir, sst2_dir, directions=2)
+    with pytest.raises(paczero.ConfigError, match="row 'DPZero, eps = 2'.*dpzero uses one direction"):
+        reproduce.run_table(SPEC, CPU, str(tmp_path), overrides, rows=["Zero-shot", "DPZero, eps = 2"])
+    assert os.listdir(tmp_path) == []
 
 
 def test_run_table_reuses_zero_shot(tmp_path, tiny_model_dir, sst2_dir):
