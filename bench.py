@@ -55,6 +55,12 @@ class BenchConfig:
     warmup: int = 1
     baseline: bool = False
     data_dir: str | None = None
+    data: str | None = None  # --task classification or generation: the user's file
+    label_words: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    answers_column: str = "answers"
     template: str | None = None
     num_subsets: int = 16
     max_new_tokens: int = 50
@@ -116,7 +122,9 @@ def _prepare(cfg: BenchConfig):
     train_cfg = paczero.TrainConfig(
         model=cfg.model, task=cfg.task, tuning=cfg.tuning, dtype=cfg.dtype, device=cfg.device,
         pool_size=cfg.pool_size, dev_size=1, test_size=1, micro_batch_size=cfg.micro_batch_size,
-        data_dir=cfg.data_dir, template=cfg.template, num_subsets=cfg.num_subsets, steps=cfg.warmup + cfg.steps,
+        data_dir=cfg.data_dir, data=cfg.data, label_words=cfg.label_words, text_column=cfg.text_column,
+        label_column=cfg.label_column, prompt_column=cfg.prompt_column, answers_column=cfg.answers_column,
+        template=cfg.template, num_subsets=cfg.num_subsets, steps=cfg.warmup + cfg.steps,
         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, secret_seed=cfg.seed + 1, output_dir="-", zero_shot=False)
     train_cfg = paczero.resolve_defaults(train_cfg)
     prepared = paczero.prepare(train_cfg)

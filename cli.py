@@ -56,6 +56,40 @@ def fail(error: Exception, code: int = 2) -> None:
     raise typer.Exit(code=code)
 
 
+# Options that only some runs read, with the runs that read them. One of these given on the
+# command line of a run that does not read it would otherwise be dropped without a word.
+# (--mi-budget, --dp-epsilon and --batch-size are stricter: TrainConfig refuses them.)
+_DP_MODES = ("dpzero", "dpaggzo")
+OPTION_SCOPE = {
+    "lora_rank": (lambda c: c.tuning == "lora", "--tuning lora"),
+    "lora_alpha": (lambda c: c.tuning == "lora", "--tuning lora"),
+    "lora_targets": (lambda c: c.tuning == "lora", "--tuning lora"),
+    "dp_delta": (lambda c: c.mode in _DP_MODES, "--mode dpzero or dpaggzo"),
+    "sampling_rate": (lambda c: c.mode in _DP_MODES, "--mode dpzero or dpaggzo"),
+    "data": (lambda c: c.task in ("classification", "generation"), "--task classification or generation"),
+    "data_dir": (lambda c: c.task in ("sst2", "squad"), "--task sst2 or squad"),
+    "label_words": (lambda c: c.task == "classification", "--task classification"),
+    "text_column": (lambda c: c.task == "classification", "--task classification"),
+    "label_column": (lambda c: c.task == "classification", "--task classification"),
+    "prompt_column": (lambda c: c.task == "generation", "--task generation"),
+    "answers_column": (lambda c: c.task == "generation", "--task generation"),
+    "max_new_tokens": (lambda c: c.task in ("squad", "generation"), "--task squad or generation"),
+}
+
+
+def given_options(ctx: typer.Context, names) -> set[str]:
+    """The options among `names` that were typed on the command line (not left at their default)."""
+    return {name for name in names if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+
+
+def warn_unused_options(cfg: paczero.TrainConfig, given: set[str]) -> None:
+    for name in sorted(given & OPTION_SCOPE.keys()):
+        applies, scope = OPTION_SCOPE[name]
+        if not applies(cfg):
+            error_console.print(f"[yellow]warning:[/] --{name.replace('_', '-')} has no effect in this run "
+                                f"(it applies to {scope}); ignored", highlight=False, soft_wrap=True)
+
+
 # Options a resumed run may change: neither privacy nor the trajectory depends on them.
 RESUMABLE_OPTIONS = {"save_every", "eval_every"}
 
@@ -177,10 +211,11 @@ def train(
     configure_logging(verbose)
     options = {k: v for k, v in locals().items() if k in HELP}
     try:
+        given = given_options(ctx, options)
         if resume is not None:
-            given = {name for name in options if ctx.get_parameter_source(name).name == "COMMANDLINE"}
             options = resumed_options(resume, options, given)
         cfg = paczero.resolve_defaults(paczero.TrainConfig(**options))
+        warn_unused_options(cfg, given)
     except USER_ERRORS as error:
         fail(error)
 
@@ -222,8 +257,13 @@ def train(
     console.print(f"run folder: {cfg.output_dir} (wall time {time.perf_counter() - started:.0f} s)")
 
 
+# What `eval --run-dir` may change in a saved run: where and how it runs, not what it measures.
+EVAL_RUN_OPTIONS = {"run_dir", "data_dir", "dtype", "device", "micro_batch_size"}
+
+
 @app.command("eval")
 def evaluate_command(
+    ctx: typer.Context,
     run_dir: Annotated[Optional[str], typer.Option(help="a finished run folder: evaluate its dev-best weights on its test split")] = None,
     model: Annotated[str, option("model")] = DEFAULTS.model,
     task: Annotated[str, option("task")] = DEFAULTS.task,
@@ -246,12 +286,21 @@ def evaluate_command(
     configure_logging(False)
     try:
         if run_dir is not None:
+            # The run's model, task, prompt and test split are fixed by its config.json;
+            # a different one typed here would be silently replaced by the saved one.
+            clashing = sorted(given_options(ctx, ctx.params) - EVAL_RUN_OPTIONS)
+            if clashing:
+                raise paczero.ConfigError(
+                    f"{', '.join('--' + n.replace('_', '-') for n in clashing)} cannot be combined with --run-dir: "
+                    f"the run's saved options are used; drop them, or evaluate a model without --run-dir")
             config_path = os.path.join(run_dir, "config.json")
             if not os.path.isfile(config_path):
                 raise paczero.ConfigError(f"no config.json in {run_dir}; --run-dir must be a folder written by train")
             with open(config_path, encoding="utf-8") as handle:
                 cfg = paczero.TrainConfig(**json.load(handle)["options"])
             cfg.device, cfg.micro_batch_size = device, micro_batch_size
+            if "dtype" in given_options(ctx, ["dtype"]):
+                cfg.dtype = dtype
             if data_dir is not None:
                 cfg.data_dir = data_dir
         else:
@@ -439,6 +488,12 @@ def bench(
     baseline: Annotated[bool, typer.Option(help="also time the per-step work of the paper's public release")] = False,
     drift_cycles: Annotated[int, typer.Option(help="also measure weight drift after this many +eps/-2eps/+eps cycles in fp32, fp16, bf16 (0: skip)")] = 0,
     data_dir: Annotated[Optional[str], option("data_dir")] = None,
+    data: Annotated[Optional[str], option("data")] = DEFAULTS.data,
+    label_words: Annotated[Optional[str], option("label_words")] = DEFAULTS.label_words,
+    text_column: Annotated[str, option("text_column")] = DEFAULTS.text_column,
+    label_column: Annotated[str, option("label_column")] = DEFAULTS.label_column,
+    prompt_column: Annotated[str, option("prompt_column")] = DEFAULTS.prompt_column,
+    answers_column: Annotated[str, option("answers_column")] = DEFAULTS.answers_column,
     template: Annotated[Optional[str], option("template")] = None,
     max_new_tokens: Annotated[int, option("max_new_tokens")] = DEFAULTS.max_new_tokens,
     json_path: Annotated[Optional[str], typer.Option("--json", help="write the figures to this JSON file")] = None,
@@ -447,7 +502,9 @@ def bench(
     configure_logging(False)
     cfg = bench_lib.BenchConfig(model=model, task=task, tuning=tuning, dtype=dtype, device=device, pool_size=pool_size,
                                 micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, baseline=baseline,
-                                data_dir=data_dir, template=template, max_new_tokens=max_new_tokens)
+                                data_dir=data_dir, data=data, label_words=label_words, text_column=text_column,
+                                label_column=label_column, prompt_column=prompt_column, answers_column=answers_column,
+                                template=template, max_new_tokens=max_new_tokens)
     for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--drift-cycles", drift_cycles, 0)):
         if value < low:
             fail(paczero.ConfigError(f"{name} must be at least {low}, got {value}"))

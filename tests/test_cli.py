@@ -74,6 +74,36 @@ def test_eval_run_dir_accuracy(run_dir):
     assert f"{test_metric:.4f}" in outcome.stdout
 
 
+@pytest.mark.parametrize("extra, named", [
+    (["--test-size", "4"], "--test-size"),
+    (["--model", "gpt2", "--template", "instruct"], "--model, --template"),
+], ids=["test-size", "model-and-template"])
+def test_eval_run_dir_refuses_run_options(run_dir, extra, named):
+    # These are fixed by the run's config.json; accepting them would evaluate something else
+    # than the user asked for without a word.
+    outcome = CliRunner().invoke(cli.app, ["eval", "--run-dir", run_dir] + extra)
+    assert outcome.exit_code == 2, outcome.output
+    assert f"{named} cannot be combined with --run-dir" in outcome.stderr
+
+
+def test_eval_run_dir_dtype(run_dir):
+    # bf16 weights change the tiny model's scores, so the accuracy line need not match, but
+    # the run must load and evaluate in the requested dtype without an error.
+    outcome = CliRunner().invoke(cli.app, ["eval", "--run-dir", run_dir, "--device", "cpu", "--dtype", "bf16"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "16" in outcome.stdout  # the test split's size
+
+
+def test_train_warns_unused_options(tmp_path, tiny_model_dir, sst2_dir):
+    # A later --steps or --eval-every overrides the earlier one: a one-step run is enough.
+    arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + ["--steps", "1", "--eval-every", "1"]
+    outcome = CliRunner().invoke(cli.app, arguments + ["--tuning", "ft", "--lora-rank", "4", "--max-new-tokens", "9"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "--lora-rank has no effect in this run (it applies to --tuning lora)" in outcome.stderr
+    assert "--max-new-tokens has no effect in this run (it applies to --task squad or generation)" in outcome.stderr
+    assert "--pool-size has no effect" not in outcome.stderr
+
+
 def test_eval_missing_run_dir(tmp_path):
     outcome = CliRunner().invoke(cli.app, ["eval", "--run-dir", str(tmp_path)])
     assert outcome.exit_code == 2
