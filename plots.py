@@ -69,6 +69,8 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     import matplotlib.pyplot as plt
 
     runs = [read_run(d) for d in run_dirs]
+    for index, run in enumerate(runs):
+        run["color"] = f"C{index % 10}"  # a run keeps its colour in every figure
     os.makedirs(output_dir, exist_ok=True)
     paths = []
 
@@ -85,7 +87,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     for run in runs:
         if run["evals"]:
             axes.plot([e["step"] for e in run["evals"]], [e["dev_metric"] for e in run["evals"]], marker="o",
-                      label=run["label"])
+                      label=run["label"], color=run["color"])
         if run["result"] and run["result"].get("zero_shot_dev_metric") is not None:
             axes.scatter([0], [run["result"]["zero_shot_dev_metric"]], marker="x", color="gray")
     axes.set_xlabel("step")
@@ -98,7 +100,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     for run in runs:
         points = [(s["step"] + 1, s["mi_spent"]) for s in run["steps"] if s.get("mi_spent") is not None]
         if points:
-            axes.plot(*zip(*points), label=run["label"])
+            axes.plot(*zip(*points), label=run["label"], color=run["color"])
             budget = run["options"].get("mi_budget")
             if budget:
                 axes.axhline(budget, linestyle=":", color="gray")
@@ -114,7 +116,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
         rates = [r for r in rates if r is not None]
         if rates:
             smooth = _moving_average(rates, window)
-            axes.plot(np.arange(len(smooth)) + len(rates) - len(smooth) + 1, smooth, label=run["label"])
+            axes.plot(np.arange(len(smooth)) + len(rates) - len(smooth) + 1, smooth, label=run["label"], color=run["color"])
     axes.set_xlabel("step")
     axes.set_ylabel(f"unanimity rate ({window}-step moving average)")
     axes.set_ylim(0, 1)
@@ -125,8 +127,8 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     finished = [r for r in runs if r["result"] is not None]
     if len(finished) >= 2:
         figure, axes = plt.subplots(figsize=(6.4, 4.2))
-        for index, run in enumerate(finished):
-            color = f"C{index}"
+        for run in finished:
+            color = run["color"]
             result = run["result"]
             value = 100 * result["test_metric"]
             if result.get("mi_spent_nats") is not None:
