@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import types
 from typing import Annotated, Optional
 
 import typer
@@ -58,7 +59,8 @@ def fail(error: Exception, code: int = 2) -> None:
 
 # Options that only some runs read, with the runs that read them. One of these given on the
 # command line of a run that does not read it would otherwise be dropped without a word.
-# (--mi-budget, --dp-epsilon and --batch-size are stricter: TrainConfig refuses them.)
+# (--mi-budget, --dp-epsilon, --batch-size, --data, and --clip with mezo, are stricter:
+# TrainConfig refuses them.)
 _DP_MODES = ("dpzero", "dpaggzo")
 OPTION_SCOPE = {
     "lora_rank": (lambda c: c.tuning == "lora", "--tuning lora"),
@@ -66,7 +68,7 @@ OPTION_SCOPE = {
     "lora_targets": (lambda c: c.tuning == "lora", "--tuning lora"),
     "dp_delta": (lambda c: c.mode in _DP_MODES, "--mode dpzero or dpaggzo"),
     "sampling_rate": (lambda c: c.mode in _DP_MODES, "--mode dpzero or dpaggzo"),
-    "data": (lambda c: c.task in ("classification", "generation"), "--task classification or generation"),
+    "clip": (lambda c: c.mode != "random_sign", "every mode but random_sign and mezo"),
     "data_dir": (lambda c: c.task in ("sst2", "squad"), "--task sst2 or squad"),
     "label_words": (lambda c: c.task == "classification", "--task classification"),
     "text_column": (lambda c: c.task == "classification", "--task classification"),
@@ -82,11 +84,12 @@ def given_options(ctx: typer.Context, names) -> set[str]:
     return {name for name in names if ctx.get_parameter_source(name).name == "COMMANDLINE"}
 
 
-def warn_unused_options(cfg: paczero.TrainConfig, given: set[str]) -> None:
+def warn_unused_options(cfg, given: set[str]) -> None:
+    """Warn about each typed option that `cfg` (anything with task, tuning and mode) does not read."""
     for name in sorted(given & OPTION_SCOPE.keys()):
         applies, scope = OPTION_SCOPE[name]
         if not applies(cfg):
-            error_console.print(f"[yellow]warning:[/] --{name.replace('_', '-')} has no effect in this run "
+            error_console.print(f"[yellow]warning:[/] --{name.replace('_', '-')} has no effect here "
                                 f"(it applies to {scope}); ignored", highlight=False, soft_wrap=True)
 
 
@@ -104,7 +107,7 @@ def resumed_options(run_dir: str, options: dict, given: set[str]) -> dict:
             saved = json.load(handle)["options"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise paczero.ConfigError(f"{config_path} is not a run configuration written by train ({error})") from error
-    if "output_dir" in given and options["output_dir"] != run_dir:
+    if "output_dir" in given and os.path.normpath(options["output_dir"]) != os.path.normpath(run_dir):
         raise paczero.ConfigError(f"--output-dir {options['output_dir']} differs from --resume {run_dir}; "
                                   "a resumed run writes into its own folder, so drop --output-dir")
     for name in sorted(given - {"output_dir"}):
@@ -310,6 +313,7 @@ def evaluate_command(
                                       max_new_tokens=max_new_tokens,
                                       test_size=test_size, data_seed=data_seed, dtype=dtype, device=device,
                                       micro_batch_size=micro_batch_size)
+            warn_unused_options(cfg, given_options(ctx, ctx.params))
         outcome = paczero.evaluate_model(cfg, run_dir=run_dir)
     except USER_ERRORS as error:
         fail(error)
@@ -476,6 +480,7 @@ def format_bytes(value: int) -> str:
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="model id or path, smollm2-135m, or a random OPT shape (random-opt-125m, random-opt-1.3b, ...)")] = "random-opt-125m",
     task: Annotated[str, option("task")] = "sst2",
     tuning: Annotated[str, option("tuning")] = "lora",
@@ -505,6 +510,8 @@ def bench(
                                 data_dir=data_dir, data=data, label_words=label_words, text_column=text_column,
                                 label_column=label_column, prompt_column=prompt_column, answers_column=answers_column,
                                 template=template, max_new_tokens=max_new_tokens)
+    # bench times the zpl step.
+    warn_unused_options(types.SimpleNamespace(task=task, tuning=tuning, mode="zpl"), given_options(ctx, ctx.params))
     for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--drift-cycles", drift_cycles, 0)):
         if value < low:
             fail(paczero.ConfigError(f"{name} must be at least {low}, got {value}"))

@@ -102,6 +102,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
+    if cfg.data is not None and cfg.task not in ("classification", "generation"):
+        raise ConfigError(f"--data applies to --task classification or generation; for {cfg.task} use --data-dir")
     if cfg.template is None and cfg.task in ("sst2", "squad"):
         cfg.template = {"sst2": "mezo", "squad": "squad"}[cfg.task]
     if cfg.task == "classification" and cfg.template is None:
@@ -329,6 +331,22 @@ def check_output_dir(path: str) -> None:
         raise ConfigError(
             f"output folder {path} is not empty; pass another --output-dir, remove it, or continue it with --resume {path}"
         )
+
+
+def check_not_finished(path: str) -> None:
+    if os.path.isfile(os.path.join(path, "result.json")):
+        raise ConfigError(f"run {path} already finished (result.json exists); nothing to resume")
+
+
+def check_writable(path: str) -> None:
+    """Fail with one clear line now, rather than with a traceback at the first checkpoint."""
+    probe = os.path.join(path, ".paczero-write-test")
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"output folder {path} is not writable ({error.strerror}); pass a writable --output-dir") from error
 
 
 def lock_output_dir(path: str):
@@ -633,8 +651,7 @@ def _train(cfg: TrainConfig, on_step, resume: bool, hold: contextlib.ExitStack) 
     sharding = distributed.setup()  # None unless launched by torchrun with several processes
     main = sharding is None or sharding.is_main  # only rank 0 writes the run folder
     if resume:
-        if os.path.isfile(os.path.join(cfg.output_dir, "result.json")):
-            raise ConfigError(f"run {cfg.output_dir} already finished (result.json exists); nothing to resume")
+        check_not_finished(cfg.output_dir)
     else:
         check_output_dir(cfg.output_dir)
     prepared = prepare(cfg, sharding)
@@ -685,8 +702,12 @@ def _train(cfg: TrainConfig, on_step, resume: bool, hold: contextlib.ExitStack) 
         lock = lock_output_dir(cfg.output_dir)
         if lock is not None:
             hold.callback(os.close, lock)
-        if not resume:
-            check_output_dir(cfg.output_dir)  # another process may have written it since the first check
+        # Another process may have started or finished this run since the first check.
+        if resume:
+            check_not_finished(cfg.output_dir)
+        else:
+            check_output_dir(cfg.output_dir)
+        check_writable(cfg.output_dir)
     best_params = None
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT)
     if resume and os.path.isfile(checkpoint_path):

@@ -99,9 +99,40 @@ def test_train_warns_unused_options(tmp_path, tiny_model_dir, sst2_dir):
     arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + ["--steps", "1", "--eval-every", "1"]
     outcome = CliRunner().invoke(cli.app, arguments + ["--tuning", "ft", "--lora-rank", "4", "--max-new-tokens", "9"])
     assert outcome.exit_code == 0, outcome.output
-    assert "--lora-rank has no effect in this run (it applies to --tuning lora)" in outcome.stderr
-    assert "--max-new-tokens has no effect in this run (it applies to --task squad or generation)" in outcome.stderr
+    assert "--lora-rank has no effect here (it applies to --tuning lora)" in outcome.stderr
+    assert "--max-new-tokens has no effect here (it applies to --task squad or generation)" in outcome.stderr
     assert "--pool-size has no effect" not in outcome.stderr
+
+
+def test_train_data_with_sst2_is_an_error_not_a_warning(tmp_path, tiny_model_dir, sst2_dir):
+    arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + ["--data", "reviews.csv"]
+    outcome = CliRunner().invoke(cli.app, arguments)
+    assert outcome.exit_code == 2
+    assert "error: --data applies to --task classification or generation; for sst2 use --data-dir" in outcome.stderr
+    assert "warning" not in outcome.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_warns_clip_with_random_sign(tmp_path, tiny_model_dir, sst2_dir):
+    arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + [
+        "--steps", "1", "--eval-every", "1", "--mode", "random_sign", "--clip", "3"]
+    outcome = CliRunner().invoke(cli.app, arguments)
+    assert outcome.exit_code == 0, outcome.output
+    assert "--clip has no effect here (it applies to every mode but random_sign and mezo)" in outcome.stderr
+
+
+def test_eval_warns_unused_options(tiny_model_dir, sst2_dir):
+    outcome = CliRunner().invoke(cli.app, ["eval", "--model", tiny_model_dir, "--data-dir", sst2_dir, "--device", "cpu",
+                                           "--test-size", "8", "--label-words", "a,b"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "--label-words has no effect here (it applies to --task classification)" in outcome.stderr
+
+
+def test_resume_output_dir_trailing_slash(run_dir):
+    # The same folder written two ways is not a different folder.
+    options = read_json(os.path.join(run_dir, "config.json"))["options"]
+    resumed = cli.resumed_options(run_dir, {**options, "output_dir": run_dir + "/"}, {"output_dir"})
+    assert resumed["output_dir"] == run_dir
 
 
 def test_eval_missing_run_dir(tmp_path):

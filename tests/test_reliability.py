@@ -605,6 +605,15 @@ def test_output_lock_refuses_second_holder(tmp_path):
     os.close(paczero.lock_output_dir(str(tmp_path)))  # free again once the holder closes it
 
 
+def test_check_writable_names_the_folder(tmp_path):
+    # The probe file's name taken by a folder makes the write fail as a read-only folder
+    # would, without needing a user that file permissions apply to.
+    (tmp_path / ".paczero-write-test").mkdir()
+    with pytest.raises(paczero.ConfigError, match=f"output folder {tmp_path} is not writable"):
+        paczero.check_writable(str(tmp_path))
+    paczero.check_writable(str(tmp_path / ".paczero-write-test"))  # an ordinary folder passes
+
+
 def test_train_refuses_locked_output(tmp_path, tiny_model_dir, sst2_dir):
     # Another process holds the run folder (here: this one, through a second open file).
     run_dir = tmp_path / "run"
