@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,15 @@ SQUAD_TEMPLATES = {
 }
 
 
+def read_escapes(text: str) -> str:
+    r"""Turn the two-character escapes \n, \t and \\ of a command-line template into the characters.
+
+    A shell passes `--template "Review: {text}\nVerdict:"` with a backslash and an n, not a
+    newline; prompts with a line break are the usual case, so they are read as one.
+    """
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def custom_classification_template(text: str, label_words: str | None) -> ClassificationTemplate:
     """A user template with a `{text}` slot and comma-separated label words (class 0 first).
 
@@ -135,6 +145,7 @@ def custom_classification_template(text: str, label_words: str | None) -> Classi
     words = tuple(" " + w.strip() for w in label_words.split(",") if w.strip())
     if len(words) < 2:
         raise DataError(f"--label-words needs at least two comma-separated words, got {label_words!r}")
+    text = read_escapes(text)
     escaped = text.replace("{text}", "\0").replace("{", "{{").replace("}", "}}").replace("\0", "{text}")
     return ClassificationTemplate(name="custom", format=escaped, label_words=words, description="from the command line")
 
@@ -144,7 +155,7 @@ def custom_generation_template(text: str | None) -> QATemplate:
 
     Without a template the prompt is used as it is. Long prompts are cut from their left.
     """
-    text = text or "{prompt}"
+    text = read_escapes(text or "{prompt}")
     if text.count("{prompt}") != 1:
         raise DataError(f"--template {text!r} must contain {{prompt}} exactly once")
     before, after = text.split("{prompt}")

@@ -87,7 +87,7 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "weight dtype: fp32, fp16, bf16, auto (fp16 on CUDA, fp32 on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     device_map: str | None = field(default=None, metadata={"help": "'auto' shards a model too large for one GPU across all GPUs (accelerate); --device then only sets the default"})
-    template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad; classification: text with {text}; generation: text with {prompt} [default: mezo, squad, -, {prompt}]"})
+    template: str | None = field(default=None, metadata={"help": "prompt template; sst2: mezo ('<s> It was' terrible/great) or instruct (for chat models); squad: squad; classification: text with {text}; generation: text with {prompt} (\\n and \\t in these two are a newline and a tab) [default: mezo, squad, -, {prompt}]"})
     max_new_tokens: int = field(default=50, metadata={"help": "squad: maximum answer length in tokens (generation stops earlier at a newline)"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass [default: 32 on CPU; on CUDA the largest power of two up to 512 that fits in memory]"})
     zero_shot: bool = field(default=True, metadata={"help": "evaluate the model before training on dev and test (--no-zero-shot skips it)"})

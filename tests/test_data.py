@@ -161,3 +161,27 @@ def test_mezo_template_prompt():
 def test_get_template_unknown():
     with pytest.raises(DataError, match="choose one of mezo, instruct"):
         data.get_template("sst2", "nope")
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line templates: escapes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typed, meant", [
+    (r"Review: {text}\nVerdict:", "Review: {text}\nVerdict:"),
+    (r"a\tb", "a\tb"),
+    (r"keep \\n as typed", "keep \\n as typed"),
+    (r"C:\path\x", r"C:\path\x"),  # other backslashes are left alone
+    ("already\nreal", "already\nreal"),
+])
+def test_read_escapes(typed, meant):
+    assert data.read_escapes(typed) == meant
+
+
+def test_custom_templates_read_newline():
+    # What a shell passes for --template "Review: {text}\nVerdict:" is a backslash and an n.
+    classification = data.custom_classification_template(r"Review: {text}\nVerdict:", "bad,good")
+    assert classification.format == "Review: {text}\nVerdict:"
+    generation = data.custom_generation_template(r"{prompt}\nAnswer:")
+    assert generation.after_context == "\nAnswer:"
