@@ -61,6 +61,11 @@ def _moving_average(values: list[float], window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid") / len(kernel)
 
 
+def _legend(axes) -> None:
+    if axes.get_legend_handles_labels()[0]:  # a figure with no run to name (e.g. no MI curve) gets none
+        axes.legend(fontsize="small")
+
+
 def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[str]:
     """Write the figures as PNG files into `output_dir`; return their paths."""
     import matplotlib
@@ -93,7 +98,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     axes.set_xlabel("step")
     axes.set_ylabel(f"dev {metric_name}")
     axes.set_title(f"Dev {metric_name} over training (x: zero-shot)")
-    axes.legend(fontsize="small")
+    _legend(axes)
     save(figure, "dev_metric.png")
 
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
@@ -107,7 +112,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     axes.set_xlabel("step")
     axes.set_ylabel("MI spent (nats)")
     axes.set_title("Mutual information spent (dotted: budget)")
-    axes.legend(fontsize="small")
+    _legend(axes)
     save(figure, "mi_spent.png")
 
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
@@ -121,7 +126,7 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
     axes.set_ylabel(f"unanimity rate ({window}-step moving average)")
     axes.set_ylim(0, 1)
     axes.set_title("Share of steps where all subsets agree")
-    axes.legend(fontsize="small")
+    _legend(axes)
     save(figure, "unanimity.png")
 
     finished = [r for r in runs if r["result"] is not None]
@@ -145,6 +150,6 @@ def plot_runs(run_dirs: list[str], output_dir: str, window: int = 20) -> list[st
         top.set_xticks([0.25, 0.5, 1, 2, 3, 4, 6])
         top.set_xlabel("matched epsilon")
         axes.set_title(f"Test {metric_name} against privacy")
-        axes.legend(fontsize="small")
+        _legend(axes)
         save(figure, "metric_vs_privacy.png")
     return paths
