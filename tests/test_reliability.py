@@ -762,6 +762,20 @@ def audited(request, tmp_path_factory, tiny_model_dir, sst2_dir) -> tuple[str, d
     return run_dir, audit.audit_run(run_dir, resamples=200)
 
 
+@pytest.mark.parametrize("audited", ["zpl", "raw_half"], indirect=True)
+def test_audit_cli_note(audited):
+    # raw_half trains on S* alone: the note must say the attack is expected to find it,
+    # not that S* is beside the point. ZPL protects S*: no note.
+    run_dir, _ = audited
+    outcome = invoke(["audit", run_dir, "--resamples", "20"])
+    assert outcome.exit_code == 0, outcome.output
+    text = " ".join(outcome.stdout.split())
+    if "raw_half" in run_dir:
+        assert "trains on S* alone with no privacy mechanism" in text
+    else:
+        assert "note:" not in text
+
+
 def test_audit_auc_range(audited):
     _, figures = audited
     assert 0.0 <= figures["auc"] <= 1.0
