@@ -820,6 +820,20 @@ def test_audit_secret_matches_log(audited):
     assert any(r["positive_subsets"] not in (0, cfg.num_subsets) for r in records)
 
 
+def test_audit_finds_memorised_secret_subset(tmp_path, tiny_model_dir, sst2_dir):
+    # The attack's power: raw_half trained hard on S* alone (16-example pool, 300 full
+    # fine-tuning steps at lr 0.1) memorises its 8 members, and the attack must see it.
+    # Measured when written: AUC 0.23 at the initial weights, 0.79 after training, member
+    # loss 0.001 against 1.19 for non-members.
+    run_dir = str(tmp_path / "run")
+    paczero.train(TrainConfig(model=tiny_model_dir, data_dir=sst2_dir, output_dir=run_dir, pool_size=16, dev_size=16,
+                              test_size=16, num_subsets=8, steps=300, eval_every=0, zero_shot=False, mode="raw_half",
+                              secret_seed=3, device="cpu", tuning="ft", lr=0.1))
+    figures = audit.audit_run(run_dir, resamples=200)
+    assert figures["auc"] > figures["auc_initial_weights"] + 0.3, figures
+    assert figures["mean_loss_members"] < 0.1 * figures["mean_loss_non_members"], figures
+
+
 def test_audit_cli_unfinished_run(unfinished_run):
     line = assert_one_line_error(invoke(["audit", unfinished_run]))
     assert "result.json not found" in line
