@@ -80,7 +80,7 @@ OPTION_SCOPE = {
 
 
 def given_options(ctx: typer.Context, names) -> set[str]:
-    """The options among `names` that were typed on the command line (not left at their default)."""
+    """Return the options among `names` that were typed on the command line, not left at their default."""
     return {name for name in names if ctx.get_parameter_source(name).name == "COMMANDLINE"}
 
 
@@ -260,7 +260,7 @@ def train(
     console.print(f"run folder: {cfg.output_dir} (wall time {time.perf_counter() - started:.0f} s)")
 
 
-# What `eval --run-dir` may change in a saved run: where and how it runs, not what it measures.
+# Options that `eval --run-dir` may change in a saved run: where and how it runs, not what it measures.
 EVAL_RUN_OPTIONS = {"run_dir", "data_dir", "dtype", "device", "micro_batch_size"}
 
 
@@ -289,8 +289,8 @@ def evaluate_command(
     configure_logging(False)
     try:
         if run_dir is not None:
-            # The run's model, task, prompt and test split are fixed by its config.json;
-            # a different one typed here would be silently replaced by the saved one.
+            # The run's model, task, prompt and test split are fixed by its config.json.
+            # A different value typed here would be replaced by the saved one without a word.
             clashing = sorted(given_options(ctx, ctx.params) - EVAL_RUN_OPTIONS)
             if clashing:
                 raise paczero.ConfigError(

@@ -127,7 +127,7 @@ def read_escapes(text: str) -> str:
     r"""Turn the two-character escapes \n, \t and \\ of a command-line template into the characters.
 
     A shell passes `--template "Review: {text}\nVerdict:"` with a backslash and an n, not a
-    newline; prompts with a line break are the usual case, so they are read as one.
+    newline. Prompts with a line break are the usual case, so the pair is read as one.
     """
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 

@@ -339,7 +339,7 @@ def check_not_finished(path: str) -> None:
 
 
 def check_writable(path: str) -> None:
-    """Fail with one clear line now, rather than with a traceback at the first checkpoint."""
+    """Check that the run folder accepts a new file, so that a read-only folder fails now and not at the first write."""
     probe = os.path.join(path, ".paczero-write-test")
     try:
         with open(probe, "w", encoding="utf-8"):
