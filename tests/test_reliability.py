@@ -763,10 +763,12 @@ def audited(request, tmp_path_factory, tiny_model_dir, sst2_dir) -> tuple[str, d
 
 
 @pytest.mark.parametrize("audited", ["zpl", "raw_half"], indirect=True)
-def test_audit_cli_note(audited):
+def test_audit_cli_note(audited, tmp_path):
     # raw_half trains on S* alone: the note must say the attack is expected to find it,
-    # not that S* is beside the point. ZPL protects S*: no note.
-    run_dir, _ = audited
+    # not that S* is beside the point. ZPL protects S*: no note. The audit runs on a copy,
+    # because it rewrites audit.json, which other tests read from the shared run.
+    run_dir = shutil.copytree(audited[0], tmp_path / os.path.basename(os.path.dirname(audited[0])))
+    run_dir = str(run_dir)
     outcome = invoke(["audit", run_dir, "--resamples", "20"])
     assert outcome.exit_code == 0, outcome.output
     text = " ".join(outcome.stdout.split())
