@@ -289,16 +289,17 @@ def weight_drift(cfg: BenchConfig, cycles: int, dtypes=("fp32", "fp16", "bf16"),
 
     The trainable parameters are copied and moved: LoRA adapters (cast to each dtype here,
     although peft keeps them in fp32 in training) or, for full fine-tuning, the first
-    tensors in parameter order up to `max_elements` entries, because drawing z for every
-    weight thousands of times is slow on a CPU.
+    `max_elements` entries in parameter order (the last tensor cut to fit), because drawing
+    z for every weight thousands of times is slow on a CPU.
     """
     train_cfg, prepared = _prepare(dataclasses.replace(cfg, dtype="fp32"))
     source, total = [], 0
     for _, p in zo.trainable_parameters(prepared.model):
         if total >= max_elements:
             break
-        source.append(p.detach().clone())
-        total += p.numel()
+        kept = p.detach().reshape(-1)[: max_elements - total].clone()
+        source.append(kept)
+        total += kept.numel()
     rows = []
     for name in dtypes:
         dtype = models.resolve_dtype(name, prepared.device)
