@@ -297,9 +297,9 @@ def weight_drift(cfg: BenchConfig, cycles: int, dtypes=("fp32", "fp16", "bf16"),
     for _, p in zo.trainable_parameters(prepared.model):
         if total >= max_elements:
             break
-        kept = p.detach().reshape(-1)[: max_elements - total].clone()
-        source.append(kept)
-        total += kept.numel()
+        entries = p.detach().reshape(-1)[: max_elements - total].clone()
+        source.append(entries)
+        total += entries.numel()
     rows = []
     for name in dtypes:
         dtype = models.resolve_dtype(name, prepared.device)

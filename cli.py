@@ -214,11 +214,11 @@ def train(
     configure_logging(verbose)
     options = {k: v for k, v in locals().items() if k in HELP}
     try:
-        given = given_options(ctx, options)
+        typed = given_options(ctx, options)
         if resume is not None:
-            options = resumed_options(resume, options, given)
+            options = resumed_options(resume, options, typed)
         cfg = paczero.resolve_defaults(paczero.TrainConfig(**options))
-        warn_unused_options(cfg, given)
+        warn_unused_options(cfg, typed)
     except USER_ERRORS as error:
         fail(error)
 

@@ -104,7 +104,7 @@ def test_train_warns_unused_options(tmp_path, tiny_model_dir, sst2_dir):
     assert "--pool-size has no effect" not in outcome.stderr
 
 
-def test_train_data_with_sst2_is_an_error_not_a_warning(tmp_path, tiny_model_dir, sst2_dir):
+def test_train_rejects_data_for_sst2(tmp_path, tiny_model_dir, sst2_dir):
     arguments = train_arguments(tiny_model_dir, sst2_dir, str(tmp_path / "run")) + ["--data", "reviews.csv"]
     outcome = CliRunner().invoke(cli.app, arguments)
     assert outcome.exit_code == 2

@@ -615,7 +615,7 @@ def test_check_writable_names_the_folder(tmp_path):
 
 
 def test_train_refuses_locked_output(tmp_path, tiny_model_dir, sst2_dir):
-    # Another process holds the run folder (here: this one, through a second open file).
+    # Another process has locked the run folder. Here it is this process, through a second open file.
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = paczero.lock_output_dir(str(run_dir))
@@ -764,9 +764,9 @@ def audited(request, tmp_path_factory, tiny_model_dir, sst2_dir) -> tuple[str, d
 
 @pytest.mark.parametrize("audited", ["zpl", "raw_half"], indirect=True)
 def test_audit_cli_note(audited, tmp_path):
-    # raw_half trains on S* alone: the note must say the attack is expected to find it,
-    # not that S* is beside the point. ZPL protects S*: no note. The audit runs on a copy,
-    # because it rewrites audit.json, which other tests read from the shared run.
+    # raw_half trains on S* alone, so the note expects the attack to find S*. ZPL protects
+    # S* and gets no note. The audit runs on a copy because it rewrites audit.json, which
+    # other tests read from the shared run.
     run_dir = shutil.copytree(audited[0], tmp_path / os.path.basename(os.path.dirname(audited[0])))
     run_dir = str(run_dir)
     outcome = invoke(["audit", run_dir, "--resamples", "20"])
